@@ -1,0 +1,197 @@
+"""The whole exception hierarchy of mproc, rooted at :class:`MprocError`.
+
+Every exception carries the PID, command, group or path it is about as
+attributes, has a ``repr`` that shows them, and survives a pickle round trip
+(so it can cross a process boundary, e.g. as a mailbox payload).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from typing import Any, Optional, Sequence, Union
+
+__all__ = [
+    "MailboxError",
+    "MailboxFull",
+    "MailboxNotFound",
+    "MessageError",
+    "MprocError",
+    "NoSuchProcess",
+    "ReceiveTimeout",
+    "ShellError",
+    "ShellTimeout",
+    "describe_exitcode",
+]
+
+Cmd = Union[str, Sequence[str]]
+
+
+def describe_exitcode(code: Optional[int]) -> str:
+    """Render an exit code the way a person reads it: ``0``, ``3``, ``SIGKILL(-9)``."""
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"{signal.Signals(-code).name}({code})"
+        except ValueError:
+            return f"signal {-code}({code})"
+    return str(code)
+
+
+class MprocError(Exception):
+    """Base class of every error mproc raises.
+
+    Attributes:
+        msg: the human-readable message.
+        pid: the process the error is about, if any.
+        path: the file or socket path the error is about, if any.
+        group: the mailbox group the error is about, if any.
+    """
+
+    def __init__(
+        self,
+        msg: str = "",
+        *,
+        pid: Optional[int] = None,
+        path: Optional[str] = None,
+        group: Optional[str] = None,
+    ) -> None:
+        Exception.__init__(self, msg)
+        self.msg = msg
+        self.pid = pid
+        self.path = path
+        self.group = group
+
+    def _fields(self) -> dict[str, Any]:
+        return {"pid": self.pid, "path": self.path, "group": self.group}
+
+    def __str__(self) -> str:
+        return self.msg
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self._fields().items() if v is not None)
+        return f"{type(self).__name__}({self.msg!r}{extra})"
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.msg, self._fields()))
+
+
+def _rebuild(cls: type[MprocError], msg: str, fields: dict[str, Any]) -> MprocError:
+    return cls(msg, **fields)
+
+
+class NoSuchProcess(MprocError, ProcessLookupError):
+    """The process does not exist (any more), or its PID now names another process."""
+
+    def __init__(self, msg: str = "", *, pid: Optional[int] = None, **kw: Any) -> None:
+        if not msg:
+            msg = f"no such process: PID {pid}" if pid is not None else "no such process"
+        MprocError.__init__(self, msg, pid=pid, **kw)
+
+
+class ShellError(MprocError, subprocess.CalledProcessError):
+    """A shell command exited with a non-zero status.
+
+    Attributes:
+        returncode: the exit status (negative: killed by that signal).
+        cmd: the command line that was run.
+        output: everything the command printed that was captured (or ``None``).
+    """
+
+    def __init__(
+        self,
+        returncode: int,
+        cmd: Cmd,
+        output: Any = None,
+        stderr: Any = None,
+        *,
+        pid: Optional[int] = None,
+        msg: str = "",
+    ) -> None:
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+        if not msg:
+            msg = f"command {_show(cmd)} exited with status {describe_exitcode(returncode)}"
+            if pid is not None:
+                msg += f" (PID {pid})"
+        MprocError.__init__(self, msg, pid=pid)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"returncode": self.returncode, "cmd": self.cmd, "pid": self.pid}
+
+    def __str__(self) -> str:
+        return self.msg
+
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (self.returncode, self.cmd, self.output, self.stderr),
+            {"pid": self.pid, "msg": self.msg},
+        )
+
+
+class ShellTimeout(ShellError, subprocess.TimeoutExpired):
+    """A shell command ran past its timeout; everything it started was killed.
+
+    Attributes:
+        timeout: the limit in seconds.
+        output: what the command printed before it was killed (or ``None``).
+        returncode: the status it died with (normally ``-9``).
+    """
+
+    def __init__(
+        self,
+        cmd: Cmd,
+        timeout: float,
+        output: Any = None,
+        stderr: Any = None,
+        *,
+        returncode: int = -signal.SIGKILL,
+        pid: Optional[int] = None,
+        msg: str = "",
+    ) -> None:
+        if not msg:
+            msg = f"command {_show(cmd)} timed out after {timeout:g} s and was killed"
+            if pid is not None:
+                msg += f" (PID {pid})"
+        ShellError.__init__(self, returncode, cmd, output, stderr, pid=pid, msg=msg)
+        self.timeout = timeout
+
+    def _fields(self) -> dict[str, Any]:
+        return {"cmd": self.cmd, "timeout": self.timeout, "pid": self.pid}
+
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (self.cmd, self.timeout, self.output, self.stderr),
+            {"returncode": self.returncode, "pid": self.pid, "msg": self.msg},
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _show(cmd: Cmd) -> str:
+    if isinstance(cmd, str):
+        return repr(cmd)
+    return repr(" ".join(str(c) for c in cmd))
+
+
+class MailboxError(MprocError):
+    """The mailbox cannot do what was asked (runtime directory, socket, peer)."""
+
+
+class MailboxNotFound(MailboxError):
+    """The process is alive but has no open mailbox (within the timeout)."""
+
+
+class MailboxFull(MailboxError):
+    """The receiver's queue for the group stayed full past the timeout."""
+
+
+class MessageError(MailboxError):
+    """A message could not be pickled (sender side) or unpickled (receiver side)."""
+
+
+class ReceiveTimeout(MailboxError, TimeoutError):
+    """``receive()`` found no message for the group within the timeout."""
