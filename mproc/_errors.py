@@ -126,7 +126,8 @@ class ShellError(MprocError, subprocess.CalledProcessError):
         return (
             type(self),
             (self.returncode, self.cmd, self.output, self.stderr),
-            {"pid": self.pid, "msg": self.msg},
+            # args too: __init__ rebuilt them from a message without the PID.
+            {"pid": self.pid, "msg": self.msg, "args": self.args},
         )
 
 
@@ -164,11 +165,8 @@ class ShellTimeout(ShellError, subprocess.TimeoutExpired):
         return (
             type(self),
             (self.cmd, self.timeout, self.output, self.stderr),
-            {"returncode": self.returncode, "pid": self.pid, "msg": self.msg},
+            {"returncode": self.returncode, "pid": self.pid, "msg": self.msg, "args": self.args},
         )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 def _show(cmd: Cmd) -> str:

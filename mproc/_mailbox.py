@@ -1,0 +1,816 @@
+"""PID-addressed messages: ``send(pid, obj)`` / ``receive()`` (SPEC §5).
+
+A process's mailbox is a :class:`multiprocessing.connection.Listener` on an
+AF_UNIX socket in the runtime directory. Senders keep one authenticated
+connection per receiver and reuse it; the receiver serves all of them from
+one I/O thread (a selector), so a slow, stalled or hostile peer costs it
+nothing but that peer's connection.
+
+Wire format, inside multiprocessing's own length-prefixed frames (the sender
+writes them with ``Connection.send_bytes``)::
+
+    u8 kind | u16 len(group) | group (UTF-8) | pickle (protocol 5)
+
+Delivery: ``send()`` returns once the whole frame is in the receiver's socket
+buffer, i.e. held by the receiving process. The receiver parses frames into
+bounded per-group queues; when a group's queue is full it stops reading that
+connection, the socket buffer fills, and the sender blocks (back-pressure)
+until there is room or its timeout passes (:class:`MailboxFull`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import multiprocessing
+import os
+import pickle
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing import connection as mpc
+from typing import Any, Optional, overload
+
+import cloudpickle
+
+from . import _transport as tr
+from ._errors import MailboxError, MailboxFull, MessageError, ReceiveTimeout
+
+__all__ = ["Msg", "close_mailbox", "open_mailbox", "receive", "send"]
+
+log = logging.getLogger("mproc")
+
+_HEAD = struct.Struct("!BH")  # kind, length of the group name
+_KIND_PICKLE = 0
+_EMPTY_GROUP_HEAD = _HEAD.pack(_KIND_PICKLE, 0)
+_MP_LEN = struct.Struct("!i")  # multiprocessing's frame header...
+_MP_LEN64 = struct.Struct("!Q")  # ...and its extension for frames over 2 GiB
+_FRAME = struct.Struct("!iBH")  # both headers of a frame under 2 GiB, read at once
+_IDLE = 0.02  # no receive() for this long: the background thread reads
+_BACKGROUND = "background"
+_CONSUMER = "consumer"
+_READ_CHUNK = 1 << 18
+_BIG_FRAME = 1 << 20  # frames this large are read straight into their own buffer
+_SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
+_MAX_LINKS = 128  # open sender connections kept per process (oldest evicted)
+# cloudpickle's registry of modules to pickle by value; plain pickle ignores it.
+_BY_VALUE: Any = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", ())
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A message taken from this process's mailbox.
+
+    Attributes:
+        sender_pid: the sending process, as the kernel reports it (SO_PEERCRED).
+        receiver_pid: this process.
+        group: the group it was sent to.
+        data: the object that was sent.
+    """
+
+    sender_pid: int
+    receiver_pid: int
+    group: str
+    data: Any
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def _dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` so that an unrelated process can rebuild it.
+
+    Plain pickle is ~3x faster than cloudpickle but refers to functions and
+    classes by name; that breaks for lambdas, closures and anything defined in
+    ``__main__`` (the receiver's ``__main__`` is another module). So plain
+    pickle is used only when it succeeds and names nothing in ``__main__``.
+    """
+    data: Optional[bytes] = None
+    if not _BY_VALUE:
+        try:
+            data = pickle.dumps(obj, protocol=5)
+        except Exception:  # lambdas, local classes...: cloudpickle handles them
+            data = None
+        if data is not None and (b"__main__" in data or b"__mp_main__" in data):
+            data = None
+    if data is None:
+        try:
+            data = cloudpickle.dumps(obj, protocol=5)
+        except Exception as err:
+            raise MessageError(
+                f"cannot pickle the {type(obj).__name__} object to send: {err}; nothing was sent"
+            ) from err
+    return data
+
+
+def _encode_group(group: str) -> bytes:
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a str, got {type(group).__name__}: {group!r}")
+    raw = group.encode("utf-8", "surrogatepass")
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"group name is {len(raw)} bytes long; at most 65535 are allowed")
+    return raw
+
+
+@overload
+def _check_timeout(timeout: float) -> float: ...
+@overload
+def _check_timeout(timeout: None) -> None: ...
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    return float(timeout)
+
+
+# ---------------------------------------------------------------- receiving
+
+
+class _Group:
+    __slots__ = ("cond", "paused", "queue", "waiting")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.queue: collections.deque[tuple[int, Any]] = collections.deque()
+        self.cond = threading.Condition(lock)
+        self.waiting = 0
+        self.paused: list[_Peer] = []
+
+
+class _Peer:
+    """One sender's connection as the I/O thread sees it."""
+
+    __slots__ = ("active", "big", "big_got", "buf", "conn", "fd", "pending", "pid")
+
+    def __init__(self, conn: mpc.Connection, pid: int) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.pid = pid
+        self.buf = bytearray()
+        self.big: Optional[bytearray] = None  # a large frame being read in place
+        self.big_got = 0
+        self.pending: list[tuple[str, Any]] = []  # parsed, waiting for queue room
+        self.active = False  # registered with the selector (not paused)
+
+
+class _Mailbox:
+    """The receiving side of this process: listener, readers, group queues.
+
+    Reading is leader/follower: a thread blocked in ``receive()`` reads the
+    sockets itself (one wake-up per message, as a plain pipe read would), and
+    threads waiting for other groups are handed what it reads. When nobody has
+    been receiving for :data:`_IDLE` seconds, a background thread takes over
+    the reading, so senders can queue up to ``max_queue`` messages per group
+    before anyone calls ``receive()`` (gproc's behaviour).
+    """
+
+    def __init__(self, rt: tr.Runtime, max_queue: int, max_frame: int) -> None:
+        self.pid = os.getpid()
+        self.max_queue = max_queue
+        self.max_frame = max_frame
+        self.rt = rt
+        tr.remove_stale(rt)
+        self.path = tr.socket_path(rt, self.pid, tr.proc_identity(self.pid) or "0")
+        try:
+            os.unlink(self.path)  # ours by name; left by a close that never ran
+        except FileNotFoundError:
+            pass
+        try:
+            self.listener = mpc.Listener(self.path, family="AF_UNIX", backlog=512)
+        except OSError as err:
+            raise MailboxError(
+                f"cannot open the mailbox socket {self.path}: {err}", path=self.path
+            ) from err
+        self.lock = threading.Lock()
+        self.groups: dict[str, _Group] = {}
+        self.peers: dict[int, _Peer] = {}
+        self.new_peers: list[_Peer] = []
+        self.closed = False
+        self.resume_asked = False
+        # Who reads the sockets now: None, _BACKGROUND or _CONSUMER.
+        self.leader: Optional[str] = None
+        self.background_yield = False
+        self.last_consumer = time.monotonic()
+        self.leader_cond = threading.Condition(self.lock)  # close() waits on it
+        self.background_cond = threading.Condition(self.lock)
+        self.scratch = bytearray(_READ_CHUNK)
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)  # written under the lock: must never block
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.background = threading.Thread(
+            target=self._background_loop, name="mproc-mailbox-reader", daemon=True
+        )
+        self.accept_thread = threading.Thread(
+            target=self._accept_loop, name="mproc-mailbox-accept", daemon=True
+        )
+        self.background.start()
+        self.accept_thread.start()
+
+    def _is_closed(self) -> bool:
+        return self.closed
+
+    # -- accepting
+
+    def _accept_loop(self) -> None:
+        while not self._is_closed():
+            try:
+                conn = self.listener.accept()
+            except OSError as err:
+                if self._is_closed():
+                    return
+                log.debug("mailbox %s: accept failed: %r", self.path, err)
+                continue
+            if self._is_closed():
+                conn.close()
+                return
+            threading.Thread(
+                target=self._admit, args=(conn,), name="mproc-mailbox-handshake", daemon=True
+            ).start()
+
+    def _admit(self, conn: mpc.Connection) -> None:
+        """Check the peer's uid, run the HMAC handshake, then hand it to the readers."""
+        pid = -1
+        try:
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                pid, uid = tr.peer_credentials(sock)
+            if uid != os.getuid():
+                log.debug("mailbox %s: refused PID %d: uid %d is not ours", self.path, pid, uid)
+                conn.close()
+                return
+            tr.handshake_server(conn, self.rt.key)
+            tr.set_timeouts(conn.fileno(), recv=0, send=0)
+            os.set_blocking(conn.fileno(), False)
+        except (OSError, EOFError, multiprocessing.AuthenticationError) as err:
+            log.debug("mailbox %s: refused PID %d: handshake failed: %r", self.path, pid, err)
+            conn.close()
+            return
+        with self.lock:
+            if self.closed:
+                conn.close()
+                return
+            self.new_peers.append(_Peer(conn, pid))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except OSError:
+            pass  # a full pipe wakes the reader just as well
+
+    # -- leadership
+
+    def _background_loop(self) -> None:
+        while True:
+            with self.lock:
+                while True:
+                    if self.closed:
+                        return
+                    idle = time.monotonic() - self.last_consumer
+                    if self.leader is None and idle >= _IDLE:
+                        self.leader = _BACKGROUND
+                        self.background_yield = False
+                        break
+                    # Checked now and then, never woken per message.
+                    self.background_cond.wait(_IDLE if self.leader else max(_IDLE - idle, 0.001))
+            try:
+                while not self.background_yield and not self.closed:
+                    self._pump(None)
+            except Exception:
+                log.exception("mailbox %s: reader failed", self.path)
+            finally:
+                with self.lock:
+                    self._step_down()
+
+    def _step_down(self) -> None:
+        """Give up reading (lock held): let one waiting receiver lead instead."""
+        self.leader = None
+        if self.closed:
+            self.leader_cond.notify_all()
+        for g in self.groups.values():
+            if g.waiting:
+                g.cond.notify()
+
+    # -- reading (only the leader runs these)
+
+    def _pump(self, timeout: Optional[float]) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._on_wake()
+                continue
+            try:
+                self._on_readable(key.data)
+            except Exception:
+                # A bug or a hostile peer must cost only that peer.
+                log.exception("mailbox %s: error serving PID %d", self.path, key.data.pid)
+                self._drop(key.data, "internal error")
+
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.lock:
+            if self.closed:
+                return
+            new, self.new_peers = self.new_peers, []
+            self.resume_asked = False
+            paused = [p for g in self.groups.values() for p in g.paused]
+        for peer in new:
+            self.peers[peer.fd] = peer
+            self._resume(peer)
+        for peer in paused:
+            if self._deliver(peer, []):
+                self._resume(peer)
+
+    def _pause(self, peer: _Peer) -> None:
+        if peer.active:
+            self.selector.unregister(peer.fd)
+            peer.active = False
+
+    def _resume(self, peer: _Peer) -> None:
+        if not peer.active:
+            self.selector.register(peer.fd, selectors.EVENT_READ, peer)
+            peer.active = True
+
+    def _on_readable(self, peer: _Peer) -> None:
+        try:
+            if peer.big is not None:
+                n = os.readv(peer.fd, [memoryview(peer.big)[peer.big_got :]])
+            else:
+                n = os.readv(peer.fd, [self.scratch])
+        except BlockingIOError:
+            return
+        except OSError as err:
+            self._drop(peer, f"read failed: {err!r}")
+            return
+        if n == 0:
+            if peer.buf or peer.big is not None:
+                self._drop(peer, "connection closed in the middle of a message (truncated frame)")
+            else:
+                self._drop(peer, "", quiet=True)
+            return
+        if peer.big is None:
+            peer.buf += memoryview(self.scratch)[:n]
+            self._parse(peer)
+            return
+        peer.big_got += n
+        if peer.big_got < len(peer.big):
+            return
+        frame, peer.big = peer.big, None
+        _kind, glen = _HEAD.unpack_from(frame)
+        group = frame[3 : 3 + glen].decode("utf-8", "surrogatepass")
+        # The buffer belongs to this one frame: hand out a view, not a copy.
+        if not self._deliver(peer, [(group, memoryview(frame)[3 + glen :])]):
+            self._pause(peer)
+
+    def _parse(self, peer: _Peer) -> None:
+        """Cut every complete frame out of the peer's buffer and queue it."""
+        buf = peer.buf
+        end = len(buf)
+        pos = 0
+        items: list[tuple[str, Any]] = []
+        unpack = _FRAME.unpack_from
+        while end - pos >= _FRAME.size:
+            size, _kind, glen = unpack(buf, pos)
+            head = 4
+            if size == -1:
+                if end - pos < 12 + _HEAD.size:
+                    break
+                (size,) = _MP_LEN64.unpack_from(buf, pos + 4)
+                _kind, glen = _HEAD.unpack_from(buf, pos + 12)
+                head = 12
+            if size < _HEAD.size + glen or size > self.max_frame:
+                self._drop(peer, f"bad frame size {size} (limit {self.max_frame})")
+                return
+            stop = pos + head + size
+            if stop > end:
+                if size >= _BIG_FRAME:
+                    # Read the rest straight into a buffer of its own (one copy).
+                    big = bytearray(size)
+                    have = end - pos - head
+                    big[:have] = buf[pos + head : end]
+                    peer.big, peer.big_got = big, have
+                    pos = end
+                break
+            start = pos + head + _HEAD.size
+            group = buf[start : start + glen].decode("utf-8", "surrogatepass") if glen else ""
+            # A slice is a copy: the payload must outlive the reused buffer.
+            items.append((group, buf[start + glen : stop]))
+            pos = stop
+        del buf[:pos]
+        if items and not self._deliver(peer, items):
+            self._pause(peer)
+
+    def _deliver(self, peer: _Peer, items: list[tuple[str, Any]]) -> bool:
+        """Queue the peer's pending and new messages; stop at a full group.
+
+        Returns:
+            whether everything was queued (else the peer must be paused).
+        """
+        todo = peer.pending + items if peer.pending else items
+        with self.lock:
+            for i, (group, payload) in enumerate(todo):
+                g = self.groups.get(group)
+                if g is None:
+                    g = self.groups[group] = _Group(self.lock)
+                if len(g.queue) >= self.max_queue:
+                    peer.pending = todo[i:]
+                    if peer not in g.paused:
+                        g.paused.append(peer)
+                    return False
+                g.queue.append((peer.pid, payload))
+                if g.waiting:
+                    g.cond.notify()
+                if g.paused and peer in g.paused:
+                    g.paused.remove(peer)
+            peer.pending = []
+            return True
+
+    def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
+        if not quiet:
+            log.debug("mailbox %s: dropped peer PID %d: %s", self.path, peer.pid, why)
+        self.peers.pop(peer.fd, None)
+        self._pause(peer)
+        with self.lock:
+            for g in self.groups.values():
+                if peer in g.paused:
+                    g.paused.remove(peer)
+        peer.conn.close()
+
+    # -- the consumer side
+
+    def get(self, group: str, timeout: Optional[float]) -> Msg:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            g = self.groups.get(group)
+            if g is None:
+                g = self.groups[group] = _Group(self.lock)
+            while not g.queue:
+                if self.closed:
+                    raise MailboxError(
+                        f"the mailbox of PID {self.pid} was closed while receiving "
+                        f"(group {group!r})",
+                        pid=self.pid,
+                        group=group,
+                        path=self.path,
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    if not g.queue and not g.paused and not g.waiting:
+                        del self.groups[group]
+                    raise ReceiveTimeout(
+                        f"no message for group {group!r} arrived within {timeout:g} s "
+                        f"(PID {self.pid})",
+                        pid=self.pid,
+                        group=group,
+                    )
+                if self.leader is None:
+                    self.leader = _CONSUMER
+                    self.lock.release()
+                    try:
+                        self._pump(remaining)
+                    finally:
+                        self.lock.acquire()
+                        self.last_consumer = time.monotonic()
+                        self._step_down()
+                    continue
+                if self.leader == _BACKGROUND and not self.background_yield:
+                    # Take the reading over from the background thread.
+                    self.background_yield = True
+                    self._wake()
+                g.waiting += 1
+                try:
+                    g.cond.wait(remaining)
+                finally:
+                    g.waiting -= 1
+            sender, payload = g.queue.popleft()
+            if g.paused:
+                if not self.resume_asked and len(g.queue) <= self.max_queue // 2:
+                    self.resume_asked = True
+                    self._wake()
+            elif not g.queue and not g.waiting:
+                del self.groups[group]
+        try:
+            data = pickle.loads(payload)
+        except Exception as err:
+            raise MessageError(
+                f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
+                pid=sender,
+                group=group,
+            ) from err
+        return Msg(sender, self.pid, group, data)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for g in self.groups.values():
+                g.cond.notify_all()
+            self.background_cond.notify_all()
+            self._wake()
+            # Whoever is reading returns from select() on the wake-up and steps down.
+            if self.leader is not None:
+                self.leader_cond.wait_for(lambda: self.leader is None, timeout=5)
+            new, self.new_peers = self.new_peers, []
+        # accept() cannot be interrupted by closing its socket from another
+        # thread on Linux, so knock on the door once to wake it up.
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
+                knock.settimeout(1.0)
+                knock.connect(self.path)
+        except OSError:
+            pass
+        for thread in (self.accept_thread, self.background):
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self.listener.close()  # also unlinks the socket file
+        for peer in list(self.peers.values()) + new:
+            peer.conn.close()
+        self.peers.clear()
+        self.selector.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def forget_after_fork(self) -> None:
+        """Drop the parent's mailbox in a forked child without touching the parent's."""
+        for peer in list(self.peers.values()) + self.new_peers:
+            peer.conn.close()
+        # multiprocessing's unlink finalizer checks the PID, so this leaves the
+        # parent's socket file alone.
+        self.listener.close()
+        self.selector.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+# ---------------------------------------------------------------- sending
+
+
+class _Link:
+    """A sender's persistent connection to one receiver."""
+
+    __slots__ = ("conn", "fd", "lock", "send_timeout")
+
+    def __init__(self, conn: mpc.Connection) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.lock = threading.Lock()
+        self.send_timeout = -1.0
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mailbox: Optional[_Mailbox] = None
+        self.links: OrderedDict[int, _Link] = OrderedDict()
+        self.atexit = False
+
+
+_state = _State()
+
+
+def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
+    """Return the cached connection to ``pid`` (or a new one) and whether it is new."""
+    state = _state
+    link = state.links.get(pid)  # a dict read is atomic: no lock on the hot path
+    if link is not None:
+        return link, False
+    conn = tr.connect(tr.runtime(), pid, deadline)
+    with state.lock:
+        existing = state.links.get(pid)
+        if existing is not None:
+            conn.close()
+            return existing, False
+        link = state.links[pid] = _Link(conn)
+        # Evict the oldest connection: a sender that talks to thousands of PIDs
+        # over time must not run out of file descriptors.
+        while len(state.links) > _MAX_LINKS:
+            _, old = state.links.popitem(last=False)
+            old.conn.close()
+    return link, True
+
+
+def _unlink(pid: int, link: _Link) -> None:
+    with _state.lock:
+        if _state.links.get(pid) is link:
+            del _state.links[pid]
+    link.conn.close()
+
+
+def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
+    """Send ``obj`` to the mailbox of process ``pid``.
+
+    When this returns, the receiving process holds the message. Messages from one
+    thread to one receiver arrive in order.
+
+    Args:
+        pid: the receiving process.
+        obj: any object cloudpickle can pickle (lambdas and ``__main__`` classes too).
+        group: the receiver's queue to put it in; only ``receive(group)`` sees it.
+        timeout: how long to wait for the mailbox to open and for queue room
+            (default 5 s).
+
+    Raises:
+        NoSuchProcess: ``pid`` does not exist (raised at once).
+        MailboxNotFound: ``pid`` opened no mailbox within the timeout.
+        MailboxFull: the receiver's queue for ``group`` stayed full past the timeout.
+        MessageError: ``obj`` cannot be pickled or is over the frame size limit;
+            nothing was sent.
+        MailboxError: the receiver went away, or failed authentication.
+    """
+    if pid.__class__ is not int:
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            raise TypeError(f"send() needs an int PID, got {type(pid).__name__}: {pid!r}")
+        pid = int(pid)
+    if pid <= 0:
+        raise ValueError(f"send() needs a PID > 0, got {pid}")
+    if group == "":
+        head = _EMPTY_GROUP_HEAD
+    else:
+        raw_group = _encode_group(group)
+        head = _HEAD.pack(_KIND_PICKLE, len(raw_group)) + raw_group
+    wait = tr.DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
+    payload = _dumps(obj)
+    if len(head) + len(payload) > tr.DEFAULT_MAX_FRAME:
+        raise MessageError(
+            f"the message to PID {pid} is {len(head) + len(payload)} bytes, over the "
+            f"{tr.DEFAULT_MAX_FRAME}-byte frame limit; nothing was sent",
+            pid=pid,
+            group=group,
+        )
+    deadline = 0.0
+    while True:
+        link = _state.links.get(pid)
+        fresh = False
+        if link is None:
+            if not deadline:
+                deadline = time.monotonic() + wait
+            link, fresh = _link(pid, deadline)
+        # Whoever holds the lock is inside a write() bounded by SO_SNDTIMEO.
+        with link.lock:
+            try:
+                # SO_SNDTIMEO bounds each write(): the wait for room in the
+                # receiver's buffer. Set only when it changes (a syscall).
+                if link.send_timeout != wait:
+                    tr.set_timeouts(link.conn.fileno(), send=max(wait, 0.001))
+                    link.send_timeout = wait
+                _write_frame(link.fd, head, payload)
+                return
+            except BlockingIOError as err:
+                # SO_SNDTIMEO ran out: the receiver's buffer stayed full. Part of
+                # the frame may be written, so this connection can carry no more.
+                _unlink(pid, link)
+                raise _full(pid, group, wait) from err
+            except OSError as err:
+                _unlink(pid, link)
+                if not fresh:
+                    continue  # a cached connection to a mailbox since closed: look again
+                raise MailboxError(
+                    f"the mailbox of PID {pid} went away while sending ({err}); "
+                    "the message was not delivered",
+                    pid=pid,
+                    group=group,
+                ) from err
+
+
+def _write_frame(fd: int, head: bytes, payload: bytes) -> None:
+    """Write one frame exactly as ``Connection.send_bytes(head + payload)`` would.
+
+    The bytes on the wire are multiprocessing's own framing; writing them here
+    saves the Connection's per-call overhead (a third of a small send) and,
+    for large payloads, the copy that concatenating them would cost.
+    """
+    size = len(head) + len(payload)
+    if size < _SMALL_FRAME:
+        data = _MP_LEN.pack(size) + head + payload
+        written = os.write(fd, data)
+        if written != len(data):  # a short write: the receiver's buffer was nearly full
+            _write_all(fd, memoryview(data)[written:])
+        return
+    prefix = _MP_LEN.pack(size) if size <= 0x7FFFFFFF else _MP_LEN.pack(-1) + _MP_LEN64.pack(size)
+    _write_all(fd, memoryview(prefix + head))
+    _write_all(fd, memoryview(payload))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _full(pid: int, group: str, wait: float) -> MailboxFull:
+    return MailboxFull(
+        f"the mailbox of PID {pid} stayed full for {wait:g} s (group {group!r}): "
+        "the receiver is not keeping up; the message was not delivered",
+        pid=pid,
+        group=group,
+    )
+
+
+def open_mailbox(
+    *, max_queue: int = tr.DEFAULT_MAX_QUEUE, max_frame: int = tr.DEFAULT_MAX_FRAME
+) -> None:
+    """Open this process's mailbox (idempotent); it normally opens by itself.
+
+    Args:
+        max_queue: messages held per group before senders are slowed down.
+        max_frame: the largest message accepted, in bytes; larger frames close
+            the sender's connection.
+
+    Raises:
+        MailboxError: the runtime directory is unsafe or the socket cannot be made.
+    """
+    for name, value in (("max_queue", max_queue), ("max_frame", max_frame)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _ensure_open(max_queue, max_frame)
+
+
+def _ensure_open(
+    max_queue: int = tr.DEFAULT_MAX_QUEUE, max_frame: int = tr.DEFAULT_MAX_FRAME
+) -> _Mailbox:
+    state = _state
+    mailbox = state.mailbox
+    if mailbox is not None:
+        return mailbox
+    rt = tr.runtime()
+    with state.lock:
+        if state.mailbox is None:
+            state.mailbox = _Mailbox(rt, max_queue, max_frame)
+            if not state.atexit:
+                atexit.register(close_mailbox)
+                state.atexit = True
+        return state.mailbox
+
+
+def open_for_children() -> None:
+    """Open the mailbox before starting a child, so the child can always reach us.
+
+    A mailbox that cannot open must not stop the child from starting; the
+    child's ``send()`` to us will report the problem instead.
+    """
+    try:
+        _ensure_open()
+    except MailboxError as err:
+        log.warning("mproc: could not open this process's mailbox: %s", err)
+
+
+def close_mailbox() -> None:
+    """Close this process's mailbox and its connections; remove its socket file.
+
+    Messages not yet received are discarded. A later ``receive()`` opens a new one.
+    """
+    state = _state
+    with state.lock:
+        mailbox, state.mailbox = state.mailbox, None
+        links = list(state.links.values())
+        state.links.clear()
+    for link in links:
+        link.conn.close()
+    if mailbox is not None and mailbox.pid == os.getpid():
+        mailbox.close()
+
+
+def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
+    """Take the next message of ``group`` from this process's mailbox (opening it).
+
+    Args:
+        group: only messages sent to this group are returned.
+        timeout: seconds to wait; ``None`` waits for ever.
+
+    Returns:
+        The :class:`Msg`, with the sender's PID as the kernel reports it.
+
+    Raises:
+        ReceiveTimeout: nothing arrived within ``timeout``.
+        MessageError: this message cannot be unpickled here (it is consumed; the
+            next ``receive()`` works).
+        MailboxError: the mailbox cannot open, or was closed while waiting.
+    """
+    _encode_group(group)
+    return _ensure_open().get(group, _check_timeout(timeout))
+
+
+def _after_fork_in_child() -> None:
+    global _state
+    old = _state
+    _state = _State()
+    # Close (never shut down) the inherited sockets: the parent still uses them.
+    for link in old.links.values():
+        link.conn.close()
+    if old.mailbox is not None:
+        old.mailbox.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,384 @@
+"""The mailbox's plumbing: runtime dir, key file, socket names, peer credentials.
+
+Everything here is about *where* a mailbox lives and *who* may talk to it;
+:mod:`mproc._mailbox` decides what is said. Connections are made with
+:mod:`multiprocessing.connection` (``Listener`` on the receiving side, the
+``Client`` handshake on the sending side) over ``AF_UNIX``.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing import connection as mpc
+from typing import Optional
+
+import psutil
+
+from ._errors import MailboxError, MailboxNotFound, NoSuchProcess
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_TIMEOUT",
+    "Runtime",
+    "connect",
+    "handshake_server",
+    "peer_credentials",
+    "proc_identity",
+    "runtime",
+    "set_timeouts",
+    "socket_path",
+]
+
+#: A send() waits this long for a mailbox to open, or for queue space.
+DEFAULT_TIMEOUT = 5.0
+#: Messages waiting per group before senders are slowed down (gproc's default).
+DEFAULT_MAX_QUEUE = 10_000
+#: The largest frame a mailbox accepts (and a sender will produce).
+DEFAULT_MAX_FRAME = 1 << 30
+#: How long a peer may take over the handshake before it is dropped.
+HANDSHAKE_TIMEOUT = 5.0
+
+# sun_path is 108 bytes on Linux, 104 on the BSDs and macOS; one byte is the NUL.
+_SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
+_KEY_NAME = "key"
+_SOCK_SUFFIX = ".sock"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A validated runtime directory and the per-user secret that guards it."""
+
+    directory: str
+    key: bytes
+
+
+_runtime_cache: dict[str, Runtime] = {}
+
+
+def _runtime_dir() -> str:
+    explicit = os.environ.get("MPROC_RUNTIME_DIR")
+    if explicit:
+        return os.path.abspath(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "mproc")
+    return os.path.join(tempfile.gettempdir(), f"mproc-{os.getuid()}")
+
+
+def _check_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as err:
+        raise MailboxError(
+            f"cannot create the mailbox runtime directory {path}: {err.strerror}; "
+            "set MPROC_RUNTIME_DIR to a directory you own",
+            path=path,
+        ) from err
+    if stat.S_ISLNK(st.st_mode):
+        raise MailboxError(
+            f"refusing the mailbox runtime directory {path}: it is a symlink", path=path
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise MailboxError(
+            f"refusing the mailbox runtime directory {path}: it is not a directory", path=path
+        )
+    if st.st_uid != os.getuid():
+        raise MailboxError(
+            f"refusing the mailbox runtime directory {path}: it is owned by uid "
+            f"{st.st_uid}, not by you (uid {os.getuid()})",
+            path=path,
+        )
+    if st.st_mode & 0o022:
+        raise MailboxError(
+            f"refusing the mailbox runtime directory {path}: it is writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run chmod 700 on it",
+            path=path,
+        )
+
+
+def _read_key(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise MailboxError(
+                f"refusing the mailbox key file {path}: it must be owned by you "
+                f"with mode 600 (it has uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})",
+                path=path,
+            )
+        key = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(key) < 32:
+        raise MailboxError(
+            f"the mailbox key file {path} is truncated ({len(key)} bytes); delete it", path=path
+        )
+    return key
+
+
+def _load_key(directory: str) -> bytes:
+    path = os.path.join(directory, _KEY_NAME)
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    # Write a private temp file, then link() it into place: link fails with
+    # EEXIST if another process won the race, and nobody ever sees a partial key.
+    fd, tmp = tempfile.mkstemp(prefix=".key-", dir=directory)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+        os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return _read_key(path)
+
+
+def runtime() -> Runtime:
+    """Return the validated runtime directory and key, creating them if needed.
+
+    Raises:
+        MailboxError: the directory is unsafe (symlink, foreign owner, writable by
+            others), cannot be created, or is too long for an AF_UNIX path.
+    """
+    if not hasattr(socket, "AF_UNIX"):
+        raise MailboxError("the mproc mailbox needs AF_UNIX sockets, which this platform lacks")
+    directory = _runtime_dir()
+    cached = _runtime_cache.get(directory)
+    if cached is not None:
+        return cached
+    # The longest name we make: "<pid>.<start>.sock" with 10 + 20 digits.
+    longest = len(os.fsencode(directory)) + 1 + 10 + 1 + 20 + len(_SOCK_SUFFIX)
+    if longest > _SUN_PATH_MAX:
+        raise MailboxError(
+            f"the mailbox runtime directory {directory} is too long for an AF_UNIX socket "
+            f"path (at most {_SUN_PATH_MAX} bytes in all); set MPROC_RUNTIME_DIR to a "
+            "shorter directory",
+            path=directory,
+        )
+    _check_dir(directory)
+    rt = Runtime(directory, _load_key(directory))
+    _runtime_cache[directory] = rt
+    return rt
+
+
+def proc_identity(pid: int) -> Optional[str]:
+    """Return a token naming process ``pid`` for its lifetime, or ``None`` if it is gone.
+
+    The token is the process's start time (clock ticks since boot on Linux), so a
+    later process that reuses the PID gets a different one. A zombie counts as gone.
+    """
+    if _HAVE_PROC:
+        return _proc_stat_identity(pid)
+    return _psutil_identity(pid)
+
+
+_HAVE_PROC = sys.platform.startswith("linux")
+
+
+def _proc_stat_identity(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as err:
+        if err.errno in (errno.ESRCH, errno.ENOENT):
+            return None
+        raise
+    # The command name is in parentheses and may contain spaces or ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()
+
+
+def _psutil_identity(pid: int) -> Optional[str]:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return str(int(proc.create_time() * 1_000_000))
+    except psutil.NoSuchProcess:
+        return None
+
+
+def socket_path(rt: Runtime, pid: int, identity: str) -> str:
+    """Return the socket path of the mailbox of process ``pid`` with start token ``identity``."""
+    return os.path.join(rt.directory, f"{pid}.{identity}{_SOCK_SUFFIX}")
+
+
+def parse_socket_name(name: str) -> Optional[tuple[int, str]]:
+    """Return ``(pid, identity)`` for a mailbox socket file name, else ``None``."""
+    if not name.endswith(_SOCK_SUFFIX):
+        return None
+    pid_text, _, identity = name[: -len(_SOCK_SUFFIX)].partition(".")
+    if not pid_text.isdigit() or not identity:
+        return None
+    return int(pid_text), identity
+
+
+def remove_stale(rt: Runtime) -> list[str]:
+    """Remove socket files of processes that are gone or whose PID was reused.
+
+    Returns:
+        The paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(rt.directory)
+    except OSError:
+        return removed
+    for name in names:
+        parsed = parse_socket_name(name)
+        if parsed is None:
+            continue
+        pid, identity = parsed
+        if proc_identity(pid) != identity:
+            path = os.path.join(rt.directory, name)
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+if sys.platform.startswith("linux"):
+    _PEERCRED = struct.Struct("3i")
+
+    def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+        """Return ``(pid, uid)`` of the process at the other end of ``sock`` (SO_PEERCRED)."""
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, _gid = _PEERCRED.unpack(raw)
+        return pid, uid
+
+else:  # pragma: no cover - exercised on macOS/BSD only
+    _LOCAL_PEERPID = 0x002  # <sys/un.h>, SOL_LOCAL level 0
+
+    def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+        """Return ``(pid, uid)`` of the process at the other end of ``sock``."""
+        pid = struct.unpack("i", sock.getsockopt(0, _LOCAL_PEERPID, 4))[0]
+        # getpeereid() is what Python lacks; psutil reads the uid of the pid instead.
+        uid = psutil.Process(pid).uids().real
+        return pid, uid
+
+
+def set_timeouts(fd: int, *, recv: Optional[float] = None, send: Optional[float] = None) -> None:
+    """Set SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket fd (``0`` means none)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        for opt, value in ((socket.SO_RCVTIMEO, recv), (socket.SO_SNDTIMEO, send)):
+            if value is not None:
+                sec = int(value)
+                usec = int((value - sec) * 1_000_000)
+                if sec == 0 and usec == 0 and value > 0:
+                    usec = 1
+                sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", sec, usec))
+    finally:
+        sock.close()
+
+
+def handshake_server(conn: mpc.Connection, key: bytes) -> None:
+    """Run the listener's side of the multiprocessing HMAC handshake on ``conn``.
+
+    Raises:
+        multiprocessing.AuthenticationError, OSError, EOFError: the peer failed it.
+    """
+    set_timeouts(conn.fileno(), recv=HANDSHAKE_TIMEOUT, send=HANDSHAKE_TIMEOUT)
+    mpc.deliver_challenge(conn, key)
+    mpc.answer_challenge(conn, key)
+
+
+def connect(rt: Runtime, pid: int, deadline: float) -> mpc.Connection:
+    """Open an authenticated connection to the mailbox of ``pid``.
+
+    Waits (polling the socket file with back-off) until the mailbox is open or
+    ``deadline`` (a ``time.monotonic()`` value) passes.
+
+    Raises:
+        NoSuchProcess: ``pid`` does not exist (at once), or exits while we wait.
+        MailboxNotFound: ``pid`` is alive but opened no mailbox before the deadline.
+        MailboxError: the peer failed authentication or is not the process ``pid``.
+    """
+    delay = 0.0005
+    path = ""
+    while True:
+        identity = proc_identity(pid)
+        if identity is None:
+            raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
+        path = socket_path(rt, pid, identity)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        except OSError as err:
+            sock.close()
+            raise MailboxError(
+                f"cannot connect to the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
+            ) from err
+        else:
+            return _client_handshake(sock, rt, pid, path, deadline)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MailboxNotFound(
+                f"PID {pid} is alive but has no open mailbox at {path}; it opens one with "
+                "mproc.receive() or mproc.open_mailbox()",
+                pid=pid,
+                path=path,
+            )
+        # Polling the file system: the receiver's start-up is usually a few ms.
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def _client_handshake(
+    sock: socket.socket, rt: Runtime, pid: int, path: str, deadline: float
+) -> mpc.Connection:
+    try:
+        peer_pid, peer_uid = peer_credentials(sock)
+    except OSError as err:
+        sock.close()
+        raise MailboxError(f"cannot identify the mailbox at {path}: {err}", path=path) from err
+    if peer_uid != os.getuid() or peer_pid != pid:
+        sock.close()
+        raise MailboxError(
+            f"the mailbox socket {path} is held by PID {peer_pid} (uid {peer_uid}), "
+            f"not by PID {pid}; refusing to send",
+            pid=pid,
+            path=path,
+        )
+    sock.setblocking(True)
+    conn = mpc.Connection(sock.detach())
+    budget = max(min(deadline - time.monotonic(), HANDSHAKE_TIMEOUT), 0.001)
+    try:
+        set_timeouts(conn.fileno(), recv=budget, send=budget)
+        mpc.answer_challenge(conn, rt.key)
+        mpc.deliver_challenge(conn, rt.key)
+        set_timeouts(conn.fileno(), recv=0)
+    except (OSError, EOFError, multiprocessing.AuthenticationError) as err:
+        conn.close()
+        raise MailboxError(
+            f"the mailbox of PID {pid} at {path} refused the handshake ({err!r}); "
+            "both sides must use the same runtime directory and key",
+            pid=pid,
+            path=path,
+        ) from err
+    return conn
