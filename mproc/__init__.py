@@ -5,6 +5,7 @@ PIDs, a :class:`ProcessManager` that holds any mix of them, signal helpers,
 and a PID-addressed mailbox (``send(pid, obj)`` / ``receive()``).
 """
 
+from ._command import Command as Command
 from ._errors import MailboxError as MailboxError
 from ._errors import MailboxFull as MailboxFull
 from ._errors import MailboxNotFound as MailboxNotFound
@@ -23,12 +24,21 @@ from ._identity import search_binary_path as search_binary_path
 from ._identity import set_ppid as set_ppid
 from ._identity import start_time as start_time
 from ._identity import uptime as uptime
-
-# --- shell ---
-# --- processes ---
-# --- manager ---
-# --- signals ---
-# --- mailbox ---
+from ._mailbox import Msg as Msg
+from ._mailbox import close_mailbox as close_mailbox
+from ._mailbox import open_mailbox as open_mailbox
+from ._mailbox import receive as receive
+from ._mailbox import send as send
+from ._manager import ProcessManager as ProcessManager
+from ._process import AdoptedProcess as AdoptedProcess
+from ._process import Process as Process
+from ._process import ProcessHandle as ProcessHandle
+from ._shell import shell as shell
+from ._shell import shell_exec as shell_exec
+from ._shell import shell_run as shell_run
+from ._signals import add_sig_handler as add_sig_handler
+from ._signals import add_sig_handler_shutdown as add_sig_handler_shutdown
+from ._signals import listen as listen
 
 __version__ = "0.1.0"
 
@@ -52,9 +62,20 @@ __all__ = [
     "set_ppid",
     "start_time",
     "uptime",
-    # --- __all__ shell ---
-    # --- __all__ processes ---
-    # --- __all__ manager ---
-    # --- __all__ signals ---
-    # --- __all__ mailbox ---
+    "shell",
+    "shell_exec",
+    "shell_run",
+    "AdoptedProcess",
+    "Command",
+    "Process",
+    "ProcessHandle",
+    "ProcessManager",
+    "add_sig_handler",
+    "add_sig_handler_shutdown",
+    "listen",
+    "Msg",
+    "close_mailbox",
+    "open_mailbox",
+    "receive",
+    "send",
 ]

@@ -47,6 +47,7 @@ class MprocError(Exception):
         pid: the process the error is about, if any.
         path: the file or socket path the error is about, if any.
         group: the mailbox group the error is about, if any.
+        errors: for an error about several processes, ``{pid: exception}``.
     """
 
     def __init__(
@@ -56,15 +57,17 @@ class MprocError(Exception):
         pid: Optional[int] = None,
         path: Optional[str] = None,
         group: Optional[str] = None,
+        errors: Optional[dict[int, BaseException]] = None,
     ) -> None:
         Exception.__init__(self, msg)
         self.msg = msg
         self.pid = pid
         self.path = path
         self.group = group
+        self.errors = errors
 
     def _fields(self) -> dict[str, Any]:
-        return {"pid": self.pid, "path": self.path, "group": self.group}
+        return {"pid": self.pid, "path": self.path, "group": self.group, "errors": self.errors}
 
     def __str__(self) -> str:
         return self.msg

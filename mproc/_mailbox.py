@@ -32,6 +32,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing import connection as mpc
 from typing import Any, Optional, overload
@@ -39,7 +40,7 @@ from typing import Any, Optional, overload
 import cloudpickle
 
 from . import _transport as tr
-from ._errors import MailboxError, MailboxFull, MessageError, ReceiveTimeout
+from ._errors import MailboxError, MailboxFull, MessageError, MprocError, ReceiveTimeout
 
 __all__ = ["Msg", "close_mailbox", "open_mailbox", "receive", "send"]
 
@@ -629,26 +630,63 @@ def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None
             nothing was sent.
         MailboxError: the receiver went away, or failed authentication.
     """
+    pid = _check_pid(pid)
+    head, payload = _prepare(obj, group)
+    _send_frame(pid, head, payload, group, timeout)
+
+
+def send_many(
+    pids: Iterable[int], obj: Any, group: str = "", *, timeout: Optional[float] = None
+) -> dict[int, Exception]:
+    """Send one object to several processes, pickling it once.
+
+    Returns:
+        ``{pid: exception}`` for every process it could not be delivered to.
+
+    Raises:
+        MessageError: ``obj`` cannot be pickled (nothing was sent to anyone).
+    """
+    head, payload = _prepare(obj, group)
+    failures: dict[int, Exception] = {}
+    for pid in pids:
+        try:
+            _send_frame(_check_pid(pid), head, payload, group, timeout)
+        except (MprocError, OSError, TypeError, ValueError) as err:
+            failures[pid] = err
+    return failures
+
+
+def _check_pid(pid: int) -> int:
     if pid.__class__ is not int:
         if isinstance(pid, bool) or not isinstance(pid, int):
             raise TypeError(f"send() needs an int PID, got {type(pid).__name__}: {pid!r}")
         pid = int(pid)
     if pid <= 0:
         raise ValueError(f"send() needs a PID > 0, got {pid}")
+    return pid
+
+
+def _prepare(obj: Any, group: str) -> tuple[bytes, bytes]:
+    """Return the frame's head (kind and group) and the pickled payload."""
     if group == "":
         head = _EMPTY_GROUP_HEAD
     else:
         raw_group = _encode_group(group)
         head = _HEAD.pack(_KIND_PICKLE, len(raw_group)) + raw_group
-    wait = tr.DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
     payload = _dumps(obj)
     if len(head) + len(payload) > tr.DEFAULT_MAX_FRAME:
         raise MessageError(
-            f"the message to PID {pid} is {len(head) + len(payload)} bytes, over the "
+            f"the message is {len(head) + len(payload)} bytes, over the "
             f"{tr.DEFAULT_MAX_FRAME}-byte frame limit; nothing was sent",
-            pid=pid,
             group=group,
         )
+    return head, payload
+
+
+def _send_frame(
+    pid: int, head: bytes, payload: bytes, group: str, timeout: Optional[float]
+) -> None:
+    wait = tr.DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
     deadline = 0.0
     while True:
         link = _state.links.get(pid)

@@ -1,0 +1,453 @@
+"""Process handles: the :class:`ProcessHandle` protocol, :class:`Process`, :class:`AdoptedProcess`.
+
+:class:`Command` (external programs) lives in :mod:`mproc._command`. Every
+handle is watched by the reaper of :mod:`mproc._wait` from the moment
+its process starts (or is adopted): waiting is an event, and a child of ours
+is reaped as soon as it exits, whether or not anybody waits for it.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import pickle
+import signal as _signal
+import threading
+from collections import ChainMap
+from collections.abc import Mapping, Sequence
+from multiprocessing.context import BaseContext
+from multiprocessing.reduction import ForkingPickler
+from typing import IO, Any, Callable, ClassVar, Optional, Protocol, Union, runtime_checkable
+
+import cloudpickle
+import psutil
+
+from . import _mailbox, _wait
+from ._errors import NoSuchProcess, describe_exitcode
+from ._identity import ENV_PPID
+from ._shell import Env
+
+__all__ = ["AdoptedProcess", "EnvLike", "Process", "ProcessHandle"]
+
+#: What ``env=`` accepts: a mapping, or gproc's list of ``"KEY=VALUE"`` strings.
+EnvLike = Env
+_Stream = Union[None, int, IO[Any]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@runtime_checkable
+class ProcessHandle(Protocol):
+    """What every process handle of mproc offers (``Process``, ``Command``, ``AdoptedProcess``).
+
+    ``isinstance(obj, ProcessHandle)`` checks that the members exist.
+    """
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The PID, ``None`` before the process has started."""
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        """The exit code (negative: killed by that signal); ``None`` while running or unknowable."""
+
+    def is_alive(self) -> bool:
+        """Return whether the process is running (a zombie is not)."""
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the process to exit; return its exit code (``None``: timeout or unknowable)."""
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig``; raise :class:`NoSuchProcess` if the process has exited."""
+
+    def terminate(self) -> None:
+        """Send SIGTERM; a no-op on a process that has exited."""
+
+    def kill(self) -> None:
+        """Send SIGKILL; a no-op on a process that has exited."""
+
+    def send(self, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
+        """Send ``obj`` to this process's mailbox (see :func:`mproc.send`)."""
+
+
+def _check_pid(pid: object) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise TypeError(f"a PID must be an int, got {type(pid).__name__}: {pid!r}")
+    if pid <= 0:
+        # os.kill(0 or -1, ...) would signal a whole process group, or everyone.
+        raise ValueError(f"a PID must be > 0, got {pid}")
+    return pid
+
+
+def _watch_child(pid: int, poll: Callable[[], bool]) -> _wait.Watch:
+    try:
+        fd = _wait.pidfd_open(pid)
+    except NoSuchProcess:
+        fd = None  # already gone (a forkserver child): polling will see it at once
+    if fd is not None and poll():
+        # Exited before we pinned it; for a forkserver child (not ours to
+        # reap) the PID might even be reused already, so trust only poll().
+        os.close(fd)
+        fd = None
+    return _wait.watch(pid, poll, fd)
+
+
+def _exited_error(what: str, pid: int, code: Optional[int]) -> NoSuchProcess:
+    status = f" with status {describe_exitcode(code)}" if code is not None else ""
+    return NoSuchProcess(f"{what} (PID {pid}) has already exited{status}", pid=pid)
+
+
+def _signal_child(
+    what: str, pid: int, sig: int, w: _wait.Watch, lock: Any, poll: Callable[[], Optional[int]]
+) -> None:
+    # Under the lock the reaper also takes to reap: the child cannot be reaped
+    # (and its PID handed to another process) between the check and the kill.
+    with lock:
+        code = poll()
+        if code is not None:
+            raise _exited_error(what, pid, code)
+        if w.send_signal(sig):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError as err:
+            raise _exited_error(what, pid, None) from err
+
+
+class _Stoppable:
+    """terminate(), kill() and send() on top of ``pid`` and ``signal()``."""
+
+    pid: Any  # a property in each subclass
+
+    def signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def send(self, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
+        """Send ``obj`` to this process's mailbox (see :func:`mproc.send`).
+
+        Args:
+            obj: any object cloudpickle can pickle.
+            group: the receiver's group.
+            timeout: how long to wait for its mailbox and for queue room (default 5 s).
+
+        Raises:
+            ValueError: the process has not been started.
+            NoSuchProcess, MailboxNotFound, MailboxFull, MessageError, MailboxError:
+                as :func:`mproc.send`.
+        """
+        pid = self.pid
+        if pid is None:
+            raise ValueError(f"{self!r} has not been started; call start() first")
+        _mailbox.send(pid, obj, group, timeout=timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM; a no-op if the process has exited."""
+        try:
+            self.signal(_signal.SIGTERM)
+        except NoSuchProcess:
+            pass
+
+    def kill(self) -> None:
+        """Send SIGKILL; a no-op if the process has exited."""
+        try:
+            self.signal(_signal.SIGKILL)
+        except NoSuchProcess:
+            pass
+
+
+# --- Process -----------------------------------------------------------------
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+    # multiprocessing registers its reducers (Connection, socket, ...) with
+    # ForkingPickler only; plain cloudpickle would copy a Connection's fd
+    # *number*, useless in the child. Setting dispatch_table on an instance
+    # has no effect on the C pickler, hence the class attribute.
+    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+        vars(ForkingPickler)["_extra_reducers"], cloudpickle.Pickler.dispatch_table
+    )
+
+
+def _dumps(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+# Process attributes that are per-parent and must not travel to the child.
+_LOCAL_ATTRS = frozenset({"_mproc_lock", "_mproc_watch", "_popen"})
+
+
+def _rebuild_process(blob: bytes) -> Process:
+    cls, state = cloudpickle.loads(blob)
+    obj: Process = cls.__new__(cls)
+    obj.__dict__.update(state)
+    obj.__dict__.update(_mproc_lock=threading.RLock(), _mproc_watch=None, _popen=None)
+    return obj
+
+
+def _method_name(start_method: Union[str, BaseContext, None]) -> Optional[str]:
+    if start_method is None:
+        return None
+    if isinstance(start_method, BaseContext):
+        return start_method.get_start_method()
+    if isinstance(start_method, str):
+        allowed = multiprocessing.get_all_start_methods()
+        if start_method not in allowed:
+            raise ValueError(f"unknown start_method {start_method!r}; use one of {allowed}")
+        return start_method
+    raise TypeError(
+        f"start_method must be a name or a multiprocessing context, got {start_method!r}"
+    )
+
+
+class Process(_Stoppable, multiprocessing.Process):
+    """A :class:`multiprocessing.Process` that also runs lambdas, closures and local classes.
+
+    Same constructor as :class:`multiprocessing.Process`, plus
+    ``start_method``. ``target``, ``args``, ``kwargs`` and the subclass
+    itself are carried to the child with cloudpickle under every start
+    method; the child sees ``mproc.is_child()`` and ``mproc.ppid()`` names
+    the launcher. The child is reaped as soon as it exits.
+
+    Args:
+        group: must be ``None`` (as in multiprocessing).
+        target: the callable run by :meth:`run`.
+        name: the process name.
+        args: positional arguments for ``target``.
+        kwargs: keyword arguments for ``target``.
+        daemon: whether the child is daemonic.
+        start_method: ``"fork"``, ``"spawn"``, ``"forkserver"``, or a
+            multiprocessing context; ``None`` uses multiprocessing's default.
+
+    Raises:
+        ValueError: unknown start method.
+    """
+
+    def __init__(
+        self,
+        group: None = None,
+        target: Optional[Callable[..., object]] = None,
+        name: Optional[str] = None,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+        *,
+        daemon: Optional[bool] = None,
+        start_method: Union[str, BaseContext, None] = None,
+    ) -> None:
+        super().__init__(group, target, name, args, {} if kwargs is None else kwargs, daemon=daemon)
+        self._mproc_method = _method_name(start_method)
+        self._mproc_launcher = 0
+        self._mproc_lock = threading.RLock()
+        self._mproc_watch: Optional[_wait.Watch] = None
+
+    def __reduce__(self) -> tuple[Callable[[bytes], Process], tuple[bytes]]:
+        # Pickling happens inside the spawn/forkserver launch, where
+        # multiprocessing lets the AuthenticationString in _config through.
+        state = {k: v for k, v in self.__dict__.items() if k not in _LOCAL_ATTRS}
+        return (_rebuild_process, (_dumps((type(self), state)),))
+
+    def _Popen(self, process_obj: Any) -> Any:  # type: ignore[override]  # a staticmethod upstream
+        context: Any = multiprocessing.get_context(self._mproc_method)
+        popen = context.Process._Popen(process_obj)
+        # multiprocessing.active_children() and every start() poll all
+        # children from whatever thread; racing the reaper, two polls of a
+        # forkserver child can both read its status pipe (one gets EOF and
+        # reports 255), and two waitpid()s lose a status. Serialise them.
+        unlocked = popen.poll
+        lock = self._mproc_lock
+
+        def poll(flag: int = os.WNOHANG) -> Optional[int]:
+            with lock:
+                result: Optional[int] = unlocked(flag)
+                return result
+
+        popen.poll = poll
+        return popen
+
+    def _bootstrap(self, *args: Any, **kwargs: Any) -> int:
+        # Runs first thing in the child under every start method (private,
+        # but stable from 3.9 to 3.13): the one place to set MPROC_PPID for
+        # spawn and forkserver children, whose environment is not ours.
+        if self._mproc_launcher:
+            os.environ[ENV_PPID] = str(self._mproc_launcher)
+        try:
+            code: int = super()._bootstrap(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            # The child leaves through os._exit(), which skips atexit: close
+            # its mailbox (if run() opened one) so no socket file is left.
+            _mailbox.close_mailbox()
+        return code
+
+    def start(self) -> None:
+        """Start the child process (returns nothing, as in multiprocessing).
+
+        Raises:
+            AssertionError: started twice, as :meth:`multiprocessing.Process.start`.
+        """
+        self._mproc_launcher = os.getpid()
+        _mailbox.open_for_children()
+        super().start()
+        popen = self.__dict__["_popen"]
+        self._mproc_watch = _watch_child(popen.pid, lambda: popen.poll() is not None)
+
+    def _started(self) -> tuple[Any, _wait.Watch]:
+        if self.__dict__.get("_closed"):
+            raise ValueError("process object is closed")
+        popen, w = self.__dict__.get("_popen"), self._mproc_watch
+        if popen is None or w is None:
+            raise ValueError(f"{self.name} has not been started; call start() first")
+        return popen, w
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the child exits, without polling (a pidfd or the reaper's poll).
+
+        Args:
+            timeout: seconds at most; ``None`` waits forever.
+        """
+        w = self._mproc_watch
+        if w is not None and self.__dict__.get("_parent_pid") == os.getpid():
+            if not w.wait(timeout):
+                return
+            timeout = 0  # the status is collected: super() only does the bookkeeping
+        super().join(timeout)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the child to exit and return its exit code.
+
+        Args:
+            timeout: seconds at most; ``None`` waits forever.
+
+        Returns:
+            The exit code (negative: killed by that signal), ``None`` on timeout.
+
+        Raises:
+            ValueError: the process has not been started.
+        """
+        self._started()
+        self.join(timeout)
+        return self.exitcode
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the child (through its pidfd when there is one).
+
+        Args:
+            sig: the signal number.
+
+        Raises:
+            NoSuchProcess: the child has exited.
+            ValueError: the process has not been started.
+        """
+        popen, w = self._started()
+        _signal_child(repr(self.name), popen.pid, sig, w, self._mproc_lock, popen.poll)
+
+
+# --- adopted -----------------------------------------------------------------
+
+
+class AdoptedProcess(_Stoppable):
+    """A handle on a process this program did not start (``ProcessManager.add_process``).
+
+    Its identity is ``(pid, create_time)``: it never signals another process
+    that later reuses the PID (a pidfd pins it; without one, the creation
+    time is checked right before ``os.kill``). Its exit status is not ours:
+    :meth:`wait` returns ``None`` and :attr:`exitcode` is always ``None``;
+    it is never reaped by mproc, even if it is our child.
+
+    Args:
+        pid: the process to adopt.
+
+    Raises:
+        NoSuchProcess: ``pid`` does not exist.
+        PermissionError: the process's creation time cannot be read.
+        TypeError: ``pid`` is not an int.
+        ValueError: ``pid`` is not positive.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._pid = _check_pid(pid)
+        fd = _wait.pidfd_open(pid)  # first: from now on this process cannot be mistaken
+        try:
+            self._create_time = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess as err:
+            if fd is not None:
+                os.close(fd)
+            raise NoSuchProcess(pid=pid) from err
+        except psutil.AccessDenied as err:
+            if fd is not None:
+                os.close(fd)
+            raise PermissionError(f"cannot read the creation time of PID {pid}") from err
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._watch = _wait.watch(pid, self._gone, fd)
+
+    def __repr__(self) -> str:
+        return f"<AdoptedProcess pid={self._pid} {'running' if self.is_alive() else 'gone'}>"
+
+    @property
+    def pid(self) -> int:
+        """The adopted PID."""
+        return self._pid
+
+    @property
+    def create_time(self) -> float:
+        """The creation time (epoch seconds, as psutil reports it) that identifies the process."""
+        return self._create_time
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        """Always ``None``: the exit status of a process we did not start is not ours to read."""
+        return None
+
+    def _alive_now(self) -> bool:
+        try:
+            proc = psutil.Process(self._pid)
+            if proc.create_time() != self._create_time:
+                return False  # the PID names another process now
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # ZombieProcess is a subclass: gone too
+            return False
+        except psutil.AccessDenied:
+            return True  # exists, but we may not look: only NoSuchProcess means gone
+
+    def _gone(self) -> bool:
+        return not self._alive_now()
+
+    def is_alive(self) -> bool:
+        """Return whether the adopted process is still running (not gone, zombie or replaced)."""
+        return not self._watch.exited.is_set() and self._alive_now()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait until the process is gone (an event, no polling on Linux).
+
+        Args:
+            timeout: seconds at most; ``None`` waits forever.
+
+        Returns:
+            ``None`` always: on timeout, and because the status is not ours.
+        """
+        self._watch.wait(timeout)
+        return None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig``, but only to the very process that was adopted.
+
+        Args:
+            sig: the signal number.
+
+        Raises:
+            NoSuchProcess: the process is gone, or its PID now names another process.
+        """
+        if self._watch.exited.is_set() or not self._alive_now():
+            raise NoSuchProcess(
+                f"adopted process PID {self._pid} has exited (the PID may be another's now)",
+                pid=self._pid,
+            )
+        if self._watch.send_signal(sig):
+            return
+        try:
+            os.kill(self._pid, sig)
+        except ProcessLookupError as err:
+            raise NoSuchProcess(pid=self._pid) from err

@@ -1,0 +1,344 @@
+"""Waiting for processes to exit without busy-looping; the only platform branches.
+
+One process-wide *reaper* thread watches every process mproc has a handle
+on. On Linux it sleeps in ``epoll`` over one pidfd per process (a pidfd
+becomes readable when its process exits); where pidfds are missing (macOS,
+kernels older than 5.3, seccomp filters) or the process ran out of file
+descriptors, it polls those processes instead, backing off from 1 ms to
+20 ms. When a process is seen to exit, the reaper runs the handle's poll
+callback, which for a child of ours collects the exit status (so no zombie
+is left behind even if nobody waits), and then sets the watch's ``exited``
+event, which is all a waiter blocks on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import threading
+import time
+import weakref
+from typing import Callable, Optional
+
+from ._errors import NoSuchProcess
+from ._log import logger
+
+__all__ = ["Watch", "pidfd_open", "watch"]
+
+# Fallback polling: most short-lived children exit within milliseconds, so
+# start fast, then back off so that a long-running process costs little CPU.
+_POLL_MIN = 0.001
+_POLL_MAX = 0.020
+
+# When a pidfd said the process exited but the poll callback could not
+# collect its status yet (the forkserver has not written it, or another
+# thread is mid-waitpid), the reaper keeps polling for at most this long.
+_COLLECT_GRACE = 5.0
+
+# Errors after which pidfd_open() falls back to polling instead of failing:
+# ENOSYS (kernel < 5.3), EPERM (a seccomp filter refusing the syscall),
+# EMFILE/ENFILE (out of file descriptors: degrade, do not fail a start()).
+_FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EMFILE, errno.ENFILE})
+
+_pidfd_supported = hasattr(os, "pidfd_open")
+
+
+def pidfd_open(pid: int) -> Optional[int]:
+    """Open a pidfd (close-on-exec) for ``pid``, or return ``None`` to mean "poll instead".
+
+    Args:
+        pid: the process to pin; a positive PID.
+
+    Returns:
+        The file descriptor, or ``None`` when pidfds are unavailable on this
+        system or no descriptor is free.
+
+    Raises:
+        NoSuchProcess: ``pid`` does not exist.
+    """
+    global _pidfd_supported
+    if not _pidfd_supported:
+        return None
+    try:
+        fd: int = getattr(os, "pidfd_open")(pid)  # noqa: B009 - absent on non-Linux
+    except ProcessLookupError as err:
+        raise NoSuchProcess(pid=pid) from err
+    except OSError as err:
+        if err.errno not in _FALLBACK_ERRNOS:
+            raise
+        if err.errno in (errno.ENOSYS, errno.EPERM):
+            # The syscall will not start working later: stop trying.
+            _pidfd_supported = False
+        logger.debug("pidfd_open(%d) failed (%s); polling for its exit instead", pid, err)
+        return None
+    return fd
+
+
+def _noop_poll() -> bool:
+    return True
+
+
+class Watch:
+    """One process being watched by the reaper.
+
+    Attributes:
+        pid: the process watched.
+        exited: set once the process has exited and its poll callback has
+            collected whatever there is to collect (e.g. the child's status).
+    """
+
+    def __init__(self, pid: int, poll: Callable[[], bool], pidfd: Optional[int]) -> None:
+        self.pid = pid
+        self.exited = threading.Event()
+        self._poll = poll
+        self._pidfd = pidfd
+        # Guards _pidfd: the reaper closes it while another thread may be
+        # about to signal through it, and a closed number can be reused by
+        # an unrelated open() (even another process's pidfd).
+        self._lock = threading.Lock()
+        self._deadline: Optional[float] = None
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited.is_set() else "watching"
+        how = "polling" if self._pidfd is None else f"pidfd={self._pidfd}"
+        return f"<Watch pid={self.pid} {state} {how}>"
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the process has exited.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits forever, a value
+                <= 0 only checks.
+
+        Returns:
+            Whether the process has exited.
+        """
+        if timeout is not None and timeout <= 0:
+            return self.exited.is_set()
+        return self.exited.wait(timeout)
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process through its pidfd, immune to PID reuse.
+
+        Args:
+            sig: the signal number.
+
+        Returns:
+            ``True`` if sent; ``False`` if no pidfd is held (never opened, or
+            closed because the exit was seen): the caller must fall back to
+            ``os.kill`` with its own identity check.
+
+        Raises:
+            NoSuchProcess: the process has been reaped.
+        """
+        with self._lock:
+            fd = self._pidfd
+            send = getattr(signal, "pidfd_send_signal", None)
+            if fd is None or send is None:
+                return False
+            try:
+                send(fd, sig)
+            except ProcessLookupError as err:
+                raise NoSuchProcess(pid=self.pid) from err
+            except OSError as err:
+                if err.errno != errno.ENOSYS:
+                    raise
+                return False
+            return True
+
+    def _close_pidfd(self) -> None:
+        with self._lock:
+            fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _finish(self) -> None:
+        # Drop the callback: it holds the handle, which holds this watch.
+        self._poll = _noop_poll
+        self.exited.set()
+
+
+class _Reaper:
+    """The thread, its selector and the watches it is working on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _pending and the start-up
+        # Held while a poll callback runs; fork() takes it first so that no
+        # handle lock is held by this thread in the child (see _before_fork).
+        self._callback_lock = threading.Lock()
+        self._pending: list[Watch] = []
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._wake_r = -1
+        self._wake_w = -1
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, w: Watch) -> None:
+        with self._lock:
+            self._pending.append(w)
+            if self._thread is None:
+                self._start()
+            wake_w = self._wake_w
+        try:
+            os.write(wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the thread is going to wake up anyway
+
+    def _start(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        # os.pipe() fds are close-on-exec; non-blocking so a full pipe never
+        # stalls add() and draining never stalls the thread.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._selector, self._wake_r), name="mproc-reaper", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, selector: selectors.BaseSelector, wake_r: int) -> None:
+        polled: list[Watch] = []
+        delay = _POLL_MIN
+        while True:
+            try:
+                with self._lock:
+                    new, self._pending = self._pending, []
+                if new:
+                    delay = _POLL_MIN
+                for w in new:
+                    self._register(selector, w, polled)
+                ready = selector.select(delay if polled else None)
+                for key, _ in ready:
+                    if key.data is None:
+                        self._drain(wake_r)
+                        continue
+                    w = key.data
+                    selector.unregister(key.fd)
+                    w._close_pidfd()
+                    if not self._collect(w):
+                        w._deadline = time.monotonic() + _COLLECT_GRACE
+                        polled.append(w)
+                if polled:
+                    now = time.monotonic()
+                    polled = [w for w in polled if not self._check(w, now)]
+                    delay = min(delay * 2, _POLL_MAX)
+            except Exception:  # never let the reaper die: every wait depends on it
+                logger.exception("mproc reaper: unexpected error; continuing")
+                time.sleep(_POLL_MAX)  # should the error repeat, do not spin
+
+    def _register(self, selector: selectors.BaseSelector, w: Watch, polled: list[Watch]) -> None:
+        fd = w._pidfd
+        if fd is not None:
+            try:
+                selector.register(fd, selectors.EVENT_READ, w)
+                return
+            except (OSError, ValueError, KeyError) as err:
+                logger.debug("cannot watch pidfd of PID %d (%s); polling", w.pid, err)
+                w._close_pidfd()
+        polled.append(w)
+
+    @staticmethod
+    def _drain(fd: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _check(self, w: Watch, now: float) -> bool:
+        if self._collect(w):
+            return True
+        if w._deadline is not None and now > w._deadline:
+            logger.debug("PID %d exited but its status could not be collected", w.pid)
+            w._finish()
+            return True
+        return False
+
+    def _collect(self, w: Watch) -> bool:
+        with self._callback_lock:
+            try:
+                done = w._poll()
+            except Exception:
+                # A broken callback must not wedge its waiters forever.
+                logger.exception("mproc reaper: checking PID %d failed", w.pid)
+                done = True
+        if done:
+            w._finish()
+        return done
+
+    def close_inherited(self) -> None:
+        """In a forked child: close the descriptors inherited from the parent."""
+        if self._selector is not None:
+            try:
+                self._selector.close()
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        for w in list(_all_watches):
+            w._lock = threading.Lock()
+            pidfd, w._pidfd = w._pidfd, None
+            if pidfd is not None:
+                try:
+                    os.close(pidfd)
+                except OSError:
+                    pass
+
+
+_reaper = _Reaper()
+# Every watch not yet garbage: a forked child must close their pidfds.
+_all_watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+
+
+def watch(pid: int, poll: Callable[[], bool], pidfd: Optional[int]) -> Watch:
+    """Hand a process to the reaper.
+
+    Args:
+        pid: the process.
+        poll: called by the reaper thread, never concurrently with another
+            callback: try to collect the exit without blocking; return
+            whether the process has finished (for a child, reaped). It is
+            called when the pidfd reports the exit, or periodically when
+            there is no pidfd.
+        pidfd: an open pidfd for ``pid`` (the watch takes ownership and
+            closes it once the exit is seen), or ``None`` to poll.
+
+    Returns:
+        The :class:`Watch`, whose ``exited`` event is set after ``poll``
+        returned ``True``.
+    """
+    w = Watch(pid, poll, pidfd)
+    _all_watches.add(w)
+    _reaper.add(w)
+    return w
+
+
+def _before_fork() -> None:
+    _reaper._callback_lock.acquire()
+    _reaper._lock.acquire()
+
+
+def _after_fork_parent() -> None:
+    _reaper._lock.release()
+    _reaper._callback_lock.release()
+
+
+def _after_fork_child() -> None:
+    # Only the forking thread survives fork(): the reaper thread is gone and
+    # its locks may have been held by it. Close what the child inherited so
+    # nothing leaks, and start over with a fresh reaper (started lazily).
+    global _reaper
+    _reaper.close_inherited()
+    _reaper = _Reaper()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+    )
