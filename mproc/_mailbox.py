@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import logging
 import multiprocessing
 import os
 import pickle
@@ -41,10 +40,11 @@ import cloudpickle
 
 from . import _transport as tr
 from ._errors import MailboxError, MailboxFull, MessageError, MprocError, ReceiveTimeout
+from ._log import logger
 
 __all__ = ["Msg", "close_mailbox", "open_mailbox", "receive", "send"]
 
-log = logging.getLogger("mproc")
+log = logger
 
 _HEAD = struct.Struct("!BH")  # kind, length of the group name
 _KIND_PICKLE = 0
