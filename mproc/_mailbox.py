@@ -136,12 +136,13 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 class _Group:
-    __slots__ = ("cond", "paused", "queue", "waiting")
+    __slots__ = ("cond", "paused", "queue", "users", "waiting")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.queue: collections.deque[tuple[int, Any]] = collections.deque()
         self.cond = threading.Condition(lock)
-        self.waiting = 0
+        self.waiting = 0  # receivers blocked on cond
+        self.users = 0  # receivers inside get() for this group, leader included
         self.paused: list[_Peer] = []
 
 
@@ -249,7 +250,6 @@ class _Mailbox:
                 return
             tr.handshake_server(conn, self.rt.key)
             tr.set_timeouts(conn.fileno(), recv=0, send=0)
-            os.set_blocking(conn.fileno(), False)
         except (OSError, EOFError, multiprocessing.AuthenticationError) as err:
             log.debug("mailbox %s: refused PID %d: handshake failed: %r", self.path, pid, err)
             conn.close()
@@ -260,6 +260,12 @@ class _Mailbox:
                 return
             self.new_peers.append(_Peer(conn, pid))
         self._wake()
+        # Only now, with the peer known to the readers, may it start sending:
+        # whatever send() it then completes, the next receive() must find.
+        try:
+            tr.send_hello(conn, self.max_frame)
+        except OSError as err:
+            log.debug("mailbox %s: PID %d left during the handshake: %r", self.path, pid, err)
 
     def _wake(self) -> None:
         try:
@@ -306,13 +312,16 @@ class _Mailbox:
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._on_wake()
-                continue
-            try:
-                self._on_readable(key.data)
-            except Exception:
-                # A bug or a hostile peer must cost only that peer.
-                log.exception("mailbox %s: error serving PID %d", self.path, key.data.pid)
-                self._drop(key.data, "internal error")
+            else:
+                self._serve(key.data)
+
+    def _serve(self, peer: _Peer) -> None:
+        try:
+            self._on_readable(peer)
+        except Exception:
+            # A bug or a hostile peer must cost only that peer.
+            log.exception("mailbox %s: error serving PID %d", self.path, peer.pid)
+            self._drop(peer, "internal error")
 
     def _on_wake(self) -> None:
         try:
@@ -327,8 +336,10 @@ class _Mailbox:
             self.resume_asked = False
             paused = [p for g in self.groups.values() for p in g.paused]
         for peer in new:
+            os.set_blocking(peer.fd, False)
             self.peers[peer.fd] = peer
             self._resume(peer)
+            self._serve(peer)  # it may have sent already: read it now
         for peer in paused:
             if self._deliver(peer, []):
                 self._resume(peer)
@@ -380,6 +391,7 @@ class _Mailbox:
         end = len(buf)
         pos = 0
         items: list[tuple[str, Any]] = []
+        bad = ""
         unpack = _FRAME.unpack_from
         while end - pos >= _FRAME.size:
             size, _kind, glen = unpack(buf, pos)
@@ -391,8 +403,8 @@ class _Mailbox:
                 _kind, glen = _HEAD.unpack_from(buf, pos + 12)
                 head = 12
             if size < _HEAD.size + glen or size > self.max_frame:
-                self._drop(peer, f"bad frame size {size} (limit {self.max_frame})")
-                return
+                bad = f"bad frame size {size} (limit {self.max_frame})"
+                break
             stop = pos + head + size
             if stop > end:
                 if size >= _BIG_FRAME:
@@ -404,13 +416,20 @@ class _Mailbox:
                     pos = end
                 break
             start = pos + head + _HEAD.size
-            group = buf[start : start + glen].decode("utf-8", "surrogatepass") if glen else ""
+            try:
+                group = buf[start : start + glen].decode("utf-8", "surrogatepass") if glen else ""
+            except UnicodeDecodeError:
+                bad = "a group name that is not UTF-8"
+                break
             # A slice is a copy: the payload must outlive the reused buffer.
             items.append((group, buf[start + glen : stop]))
             pos = stop
         del buf[:pos]
+        # What came before a bad frame was sent in good faith: deliver it.
         if items and not self._deliver(peer, items):
             self._pause(peer)
+        if bad:
+            self._drop(peer, bad)
 
     def _deliver(self, peer: _Peer, items: list[tuple[str, Any]]) -> bool:
         """Queue the peer's pending and new messages; stop at a full group.
@@ -456,51 +475,13 @@ class _Mailbox:
             g = self.groups.get(group)
             if g is None:
                 g = self.groups[group] = _Group(self.lock)
-            while not g.queue:
-                if self.closed:
-                    raise MailboxError(
-                        f"the mailbox of PID {self.pid} was closed while receiving "
-                        f"(group {group!r})",
-                        pid=self.pid,
-                        group=group,
-                        path=self.path,
-                    )
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    if not g.queue and not g.paused and not g.waiting:
-                        del self.groups[group]
-                    raise ReceiveTimeout(
-                        f"no message for group {group!r} arrived within {timeout:g} s "
-                        f"(PID {self.pid})",
-                        pid=self.pid,
-                        group=group,
-                    )
-                if self.leader is None:
-                    self.leader = _CONSUMER
-                    self.lock.release()
-                    try:
-                        self._pump(remaining)
-                    finally:
-                        self.lock.acquire()
-                        self.last_consumer = time.monotonic()
-                        self._step_down()
-                    continue
-                if self.leader == _BACKGROUND and not self.background_yield:
-                    # Take the reading over from the background thread.
-                    self.background_yield = True
-                    self._wake()
-                g.waiting += 1
-                try:
-                    g.cond.wait(remaining)
-                finally:
-                    g.waiting -= 1
-            sender, payload = g.queue.popleft()
-            if g.paused:
-                if not self.resume_asked and len(g.queue) <= self.max_queue // 2:
-                    self.resume_asked = True
-                    self._wake()
-            elif not g.queue and not g.waiting:
-                del self.groups[group]
+            g.users += 1
+            try:
+                sender, payload = self._take(g, group, timeout, deadline)
+            finally:
+                g.users -= 1
+                if not g.users and not g.queue and not g.paused:
+                    del self.groups[group]
         try:
             data = pickle.loads(payload)
         except Exception as err:
@@ -510,6 +491,56 @@ class _Mailbox:
                 group=group,
             ) from err
         return Msg(sender, self.pid, group, data)
+
+    def _take(
+        self, g: _Group, group: str, timeout: Optional[float], deadline: Optional[float]
+    ) -> tuple[int, Any]:
+        """Pop the group's next message (lock held), reading or waiting for it."""
+        read_once = False
+        while True:
+            if g.queue:
+                break
+            if self.closed:
+                raise MailboxError(
+                    f"the mailbox of PID {self.pid} was closed while receiving (group {group!r})",
+                    pid=self.pid,
+                    group=group,
+                    path=self.path,
+                )
+            remaining = None if deadline is None else deadline - time.monotonic()
+            # Even receive(timeout=0) reads once: a message whose send()
+            # has returned is ours, if still in the socket buffer.
+            if remaining is not None and remaining <= 0 and (read_once or self.leader):
+                raise ReceiveTimeout(
+                    f"no message for group {group!r} arrived within {timeout:g} s (PID {self.pid})",
+                    pid=self.pid,
+                    group=group,
+                )
+            if self.leader is None:
+                self.leader = _CONSUMER
+                read_once = True
+                self.lock.release()
+                try:
+                    self._pump(None if remaining is None else max(remaining, 0))
+                finally:
+                    self.lock.acquire()
+                    self.last_consumer = time.monotonic()
+                    self._step_down()
+                continue
+            if self.leader == _BACKGROUND and not self.background_yield:
+                # Take the reading over from the background thread.
+                self.background_yield = True
+                self._wake()
+            g.waiting += 1
+            try:
+                g.cond.wait(remaining)
+            finally:
+                g.waiting -= 1
+        item: tuple[int, Any] = g.queue.popleft()
+        if g.paused and not self.resume_asked and len(g.queue) <= self.max_queue // 2:
+            self.resume_asked = True
+            self._wake()
+        return item
 
     def close(self) -> None:
         with self.lock:
@@ -524,24 +555,39 @@ class _Mailbox:
             if self.leader is not None:
                 self.leader_cond.wait_for(lambda: self.leader is None, timeout=5)
             new, self.new_peers = self.new_peers, []
-        # accept() cannot be interrupted by closing its socket from another
-        # thread on Linux, so knock on the door once to wake it up.
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
-                knock.settimeout(1.0)
-                knock.connect(self.path)
-        except OSError:
-            pass
+        self._stop_accepting()
         for thread in (self.accept_thread, self.background):
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
-        self.listener.close()  # also unlinks the socket file
+        try:
+            self.listener.close()  # also unlinks the socket file
+        except FileNotFoundError:
+            pass  # removed already (multiprocessing's exit finalizer, or a person)
         for peer in list(self.peers.values()) + new:
             peer.conn.close()
         self.peers.clear()
         self.selector.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+
+    def _stop_accepting(self) -> None:
+        """Wake the accept thread, which is blocked in accept()."""
+        # Closing a socket does not interrupt accept() in another thread on
+        # Linux, but shutdown() does. multiprocessing keeps the socket private;
+        # without it, knock on the door (which needs the socket file).
+        sock = getattr(getattr(self.listener, "_listener", None), "_socket", None)
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+            except OSError:
+                pass
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
+                knock.settimeout(1.0)
+                knock.connect(self.path)
+        except OSError:
+            pass
 
     def forget_after_fork(self) -> None:
         """Drop the parent's mailbox in a forked child without touching the parent's."""
@@ -561,11 +607,12 @@ class _Mailbox:
 class _Link:
     """A sender's persistent connection to one receiver."""
 
-    __slots__ = ("conn", "fd", "lock", "send_timeout")
+    __slots__ = ("conn", "fd", "lock", "max_frame", "send_timeout")
 
-    def __init__(self, conn: mpc.Connection) -> None:
+    def __init__(self, conn: mpc.Connection, max_frame: int) -> None:
         self.conn = conn
         self.fd = conn.fileno()
+        self.max_frame = max_frame  # the receiver's limit, told in the handshake
         self.lock = threading.Lock()
         self.send_timeout = -1.0
 
@@ -587,13 +634,17 @@ def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
     link = state.links.get(pid)  # a dict read is atomic: no lock on the hot path
     if link is not None:
         return link, False
-    conn = tr.connect(tr.runtime(), pid, deadline)
+    try:
+        rt = tr.runtime()
+    except MailboxError as err:
+        raise MailboxError(f"cannot send to PID {pid}: {err}", pid=pid, path=err.path) from err
+    conn, max_frame = tr.connect(rt, pid, deadline)
     with state.lock:
         existing = state.links.get(pid)
         if existing is not None:
             conn.close()
             return existing, False
-        link = state.links[pid] = _Link(conn)
+        link = state.links[pid] = _Link(conn, max_frame)
         # Evict the oldest connection: a sender that talks to thousands of PIDs
         # over time must not run out of file descriptors.
         while len(state.links) > _MAX_LINKS:
@@ -631,7 +682,7 @@ def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None
         MailboxError: the receiver went away, or failed authentication.
     """
     pid = _check_pid(pid)
-    head, payload = _prepare(obj, group)
+    head, payload = _prepare(obj, group, pid)
     _send_frame(pid, head, payload, group, timeout)
 
 
@@ -666,21 +717,34 @@ def _check_pid(pid: int) -> int:
     return pid
 
 
-def _prepare(obj: Any, group: str) -> tuple[bytes, bytes]:
+def _prepare(obj: Any, group: str, pid: Optional[int] = None) -> tuple[bytes, bytes]:
     """Return the frame's head (kind and group) and the pickled payload."""
     if group == "":
         head = _EMPTY_GROUP_HEAD
     else:
         raw_group = _encode_group(group)
         head = _HEAD.pack(_KIND_PICKLE, len(raw_group)) + raw_group
-    payload = _dumps(obj)
-    if len(head) + len(payload) > tr.DEFAULT_MAX_FRAME:
+    try:
+        payload = _dumps(obj)
+    except MessageError as err:
+        if pid is None:
+            raise
+        raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
+            err.__cause__
+        )
+    _check_size(len(head) + len(payload), tr.DEFAULT_MAX_FRAME, pid, group, "this process's")
+    return head, payload
+
+
+def _check_size(size: int, limit: int, pid: Optional[int], group: str, whose: str) -> None:
+    if size > limit:
+        to = "" if pid is None else f" to PID {pid}"
         raise MessageError(
-            f"the message is {len(head) + len(payload)} bytes, over the "
-            f"{tr.DEFAULT_MAX_FRAME}-byte frame limit; nothing was sent",
+            f"the message{to} (group {group!r}) is {size} bytes, over {whose} "
+            f"{limit}-byte frame limit; nothing was sent",
+            pid=pid,
             group=group,
         )
-    return head, payload
 
 
 def _send_frame(
@@ -695,6 +759,7 @@ def _send_frame(
             if not deadline:
                 deadline = time.monotonic() + wait
             link, fresh = _link(pid, deadline)
+        _check_size(len(head) + len(payload), link.max_frame, pid, group, "the receiver's")
         # Whoever holds the lock is inside a write() bounded by SO_SNDTIMEO.
         with link.lock:
             try:

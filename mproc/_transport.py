@@ -9,6 +9,8 @@ Everything here is about *where* a mailbox lives and *who* may talk to it;
 from __future__ import annotations
 
 import errno
+import hashlib  # noqa: F401 - see hmac
+import hmac  # noqa: F401 - imported here, never first in a handshake thread
 import multiprocessing
 import os
 import socket
@@ -47,6 +49,11 @@ DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_MAX_FRAME = 1 << 30
 #: How long a peer may take over the handshake before it is dropped.
 HANDSHAKE_TIMEOUT = 5.0
+#: What a sender grants the handshake at least, even with send(timeout=0).
+HANDSHAKE_MIN = 1.0
+#: Sent by the mailbox after the handshake: protocol version, its frame limit.
+_HELLO = struct.Struct("!HQ")
+PROTOCOL = 1
 
 # sun_path is 108 bytes on Linux, 104 on the BSDs and macOS; one byte is the NUL.
 _SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
@@ -62,7 +69,9 @@ class Runtime:
     key: bytes
 
 
-_runtime_cache: dict[str, Runtime] = {}
+# The key per runtime directory, keyed by the directory's identity too, so a
+# directory that was deleted and made again is checked and keyed again.
+_runtime_cache: dict[tuple[str, int, int], Runtime] = {}
 
 
 def _runtime_dir() -> str:
@@ -75,7 +84,7 @@ def _runtime_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"mproc-{os.getuid()}")
 
 
-def _check_dir(path: str) -> None:
+def _check_dir(path: str) -> os.stat_result:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
@@ -105,11 +114,25 @@ def _check_dir(path: str) -> None:
             f"(mode {stat.S_IMODE(st.st_mode):o}); run chmod 700 on it",
             path=path,
         )
+    return st
 
 
 def _read_key(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # ELOOP: a symlink; EISDIR...
+        raise MailboxError(
+            f"refusing the mailbox key file {path}: {err.strerror}; it must be a regular "
+            "file owned by you with mode 600 (delete it to have a new one made)",
+            path=path,
+        ) from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MailboxError(
+                f"refusing the mailbox key file {path}: it is not a regular file", path=path
+            )
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
             raise MailboxError(
@@ -159,9 +182,6 @@ def runtime() -> Runtime:
     if not hasattr(socket, "AF_UNIX"):
         raise MailboxError("the mproc mailbox needs AF_UNIX sockets, which this platform lacks")
     directory = _runtime_dir()
-    cached = _runtime_cache.get(directory)
-    if cached is not None:
-        return cached
     # The longest name we make: "<pid>.<start>.sock" with 10 + 20 digits.
     longest = len(os.fsencode(directory)) + 1 + 10 + 1 + 20 + len(_SOCK_SUFFIX)
     if longest > _SUN_PATH_MAX:
@@ -171,9 +191,11 @@ def runtime() -> Runtime:
             "shorter directory",
             path=directory,
         )
-    _check_dir(directory)
-    rt = Runtime(directory, _load_key(directory))
-    _runtime_cache[directory] = rt
+    st = _check_dir(directory)
+    ident = (directory, st.st_dev, st.st_ino)
+    rt = _runtime_cache.get(ident)
+    if rt is None:
+        rt = _runtime_cache[ident] = Runtime(directory, _load_key(directory))
     return rt
 
 
@@ -305,11 +327,23 @@ def handshake_server(conn: mpc.Connection, key: bytes) -> None:
     mpc.answer_challenge(conn, key)
 
 
-def connect(rt: Runtime, pid: int, deadline: float) -> mpc.Connection:
+def send_hello(conn: mpc.Connection, max_frame: int) -> None:
+    """Tell an authenticated sender our protocol and the largest frame we accept.
+
+    The sender then refuses a larger message itself (``MessageError``) instead
+    of having it dropped here. It waits for this before sending anything.
+    """
+    conn.send_bytes(_HELLO.pack(PROTOCOL, max_frame))
+
+
+def connect(rt: Runtime, pid: int, deadline: float) -> tuple[mpc.Connection, int]:
     """Open an authenticated connection to the mailbox of ``pid``.
 
     Waits (polling the socket file with back-off) until the mailbox is open or
     ``deadline`` (a ``time.monotonic()`` value) passes.
+
+    Returns:
+        The connection, and the largest frame that mailbox accepts.
 
     Raises:
         NoSuchProcess: ``pid`` does not exist (at once), or exits while we wait.
@@ -351,7 +385,7 @@ def connect(rt: Runtime, pid: int, deadline: float) -> mpc.Connection:
 
 def _client_handshake(
     sock: socket.socket, rt: Runtime, pid: int, path: str, deadline: float
-) -> mpc.Connection:
+) -> tuple[mpc.Connection, int]:
     try:
         peer_pid, peer_uid = peer_credentials(sock)
     except OSError as err:
@@ -367,13 +401,17 @@ def _client_handshake(
         )
     sock.setblocking(True)
     conn = mpc.Connection(sock.detach())
-    budget = max(min(deadline - time.monotonic(), HANDSHAKE_TIMEOUT), 0.001)
+    # The mailbox is there: give the handshake a fair chance even when the
+    # caller's deadline is (nearly) spent, e.g. send(timeout=0).
+    budget = min(max(deadline - time.monotonic(), HANDSHAKE_MIN), HANDSHAKE_TIMEOUT)
     try:
         set_timeouts(conn.fileno(), recv=budget, send=budget)
         mpc.answer_challenge(conn, rt.key)
         mpc.deliver_challenge(conn, rt.key)
+        hello = conn.recv_bytes(64)
         set_timeouts(conn.fileno(), recv=0)
-    except (OSError, EOFError, multiprocessing.AuthenticationError) as err:
+        _version, max_frame = _HELLO.unpack(hello)
+    except (OSError, EOFError, struct.error, multiprocessing.AuthenticationError) as err:
         conn.close()
         raise MailboxError(
             f"the mailbox of PID {pid} at {path} refused the handshake ({err!r}); "
@@ -381,4 +419,4 @@ def _client_handshake(
             pid=pid,
             path=path,
         ) from err
-    return conn
+    return conn, max_frame
