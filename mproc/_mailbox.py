@@ -53,6 +53,8 @@ _MP_LEN = struct.Struct("!i")  # multiprocessing's frame header...
 _MP_LEN64 = struct.Struct("!Q")  # ...and its extension for frames over 2 GiB
 _FRAME = struct.Struct("!iBH")  # both headers of a frame under 2 GiB, read at once
 _IDLE = 0.02  # no receive() for this long: the background thread reads
+_ACCEPT_BACKOFF = 0.05  # after a failed accept() (e.g. out of fds)
+_HANDOVER = 0.5  # the most a poll waits for the background reader to step down
 _BACKGROUND = "background"
 _CONSUMER = "consumer"
 _READ_CHUNK = 1 << 18
@@ -230,6 +232,8 @@ class _Mailbox:
                 if self._is_closed():
                     return
                 log.debug("mailbox %s: accept failed: %r", self.path, err)
+                # E.g. EMFILE: the pending connection stays; don't spin on it.
+                time.sleep(_ACCEPT_BACKOFF)
                 continue
             if self._is_closed():
                 conn.close()
@@ -394,16 +398,19 @@ class _Mailbox:
         bad = ""
         unpack = _FRAME.unpack_from
         while end - pos >= _FRAME.size:
-            size, _kind, glen = unpack(buf, pos)
+            size, kind, glen = unpack(buf, pos)
             head = 4
             if size == -1:
                 if end - pos < 12 + _HEAD.size:
                     break
                 (size,) = _MP_LEN64.unpack_from(buf, pos + 4)
-                _kind, glen = _HEAD.unpack_from(buf, pos + 12)
+                kind, glen = _HEAD.unpack_from(buf, pos + 12)
                 head = 12
             if size < _HEAD.size + glen or size > self.max_frame:
                 bad = f"bad frame size {size} (limit {self.max_frame})"
+                break
+            if kind != _KIND_PICKLE:
+                bad = f"unknown frame kind {kind}"
                 break
             stop = pos + head + size
             if stop > end:
@@ -496,7 +503,8 @@ class _Mailbox:
         self, g: _Group, group: str, timeout: Optional[float], deadline: Optional[float]
     ) -> tuple[int, Any]:
         """Pop the group's next message (lock held), reading or waiting for it."""
-        read_once = False
+        read_once = False  # this call has read the sockets itself
+        handed = False  # ...or has asked the background reader to hand over
         while True:
             if g.queue:
                 break
@@ -508,9 +516,13 @@ class _Mailbox:
                     path=self.path,
                 )
             remaining = None if deadline is None else deadline - time.monotonic()
-            # Even receive(timeout=0) reads once: a message whose send()
-            # has returned is ours, if still in the socket buffer.
-            if remaining is not None and remaining <= 0 and (read_once or self.leader):
+            expired = remaining is not None and remaining <= 0
+            # Even receive(timeout=0) reads once (or has the background reader
+            # hand over first): a message whose send() returned is ours, if
+            # still in the socket buffer. A receiving thread reads at once.
+            if expired and (
+                read_once or self.leader == _CONSUMER or (handed and self.leader is not None)
+            ):
                 raise ReceiveTimeout(
                     f"no message for group {group!r} arrived within {timeout:g} s (PID {self.pid})",
                     pid=self.pid,
@@ -531,6 +543,9 @@ class _Mailbox:
                 # Take the reading over from the background thread.
                 self.background_yield = True
                 self._wake()
+            if expired:
+                handed = True
+                remaining = _HANDOVER  # it steps down (and notifies) at once
             g.waiting += 1
             try:
                 g.cond.wait(remaining)
@@ -607,14 +622,41 @@ class _Mailbox:
 class _Link:
     """A sender's persistent connection to one receiver."""
 
-    __slots__ = ("conn", "fd", "lock", "max_frame", "send_timeout")
+    __slots__ = ("conn", "fd", "lock", "max_frame", "retired", "send_timeout")
 
     def __init__(self, conn: mpc.Connection, max_frame: int) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         self.max_frame = max_frame  # the receiver's limit, told in the handshake
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held for a whole frame's write
         self.send_timeout = -1.0
+        self.retired = False
+
+    def after_write(self) -> None:
+        """Close the connection if it was retired during the write (lock held)."""
+        if self.retired:
+            self.conn.close()
+
+    def retire(self) -> None:
+        """Close the connection, now or when the thread writing to it is done.
+
+        Closing the fd under a writer would let the kernel hand its number to
+        a new socket, and the writer's frame would go to the wrong process.
+        """
+        self.retired = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self.conn.close()
+            finally:
+                self.lock.release()
+            return
+        # A write is in progress: make it fail now (the writer retries on a
+        # new connection), and leave closing the fd to the writer (after_write).
+        try:
+            with socket.socket(fileno=os.dup(self.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class _State:
@@ -647,16 +689,18 @@ def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
         link = state.links[pid] = _Link(conn, max_frame)
         # Evict the oldest connection: a sender that talks to thousands of PIDs
         # over time must not run out of file descriptors.
-        while len(state.links) > _MAX_LINKS:
-            _, old = state.links.popitem(last=False)
-            old.conn.close()
+        evicted = [state.links.popitem(last=False)[1] for _ in range(len(state.links) - _MAX_LINKS)]
+    for old in evicted:
+        old.retire()
     return link, True
 
 
 def _unlink(pid: int, link: _Link) -> None:
+    """Forget and close a broken connection (the caller holds ``link.lock``)."""
     with _state.lock:
         if _state.links.get(pid) is link:
             del _state.links[pid]
+    link.retired = True
     link.conn.close()
 
 
@@ -762,6 +806,9 @@ def _send_frame(
         _check_size(len(head) + len(payload), link.max_frame, pid, group, "the receiver's")
         # Whoever holds the lock is inside a write() bounded by SO_SNDTIMEO.
         with link.lock:
+            if link.retired:  # evicted or closed while we waited for it
+                link.conn.close()
+                continue
             try:
                 # SO_SNDTIMEO bounds each write(): the wait for room in the
                 # receiver's buffer. Set only when it changes (a syscall).
@@ -769,6 +816,7 @@ def _send_frame(
                     tr.set_timeouts(link.conn.fileno(), send=max(wait, 0.001))
                     link.send_timeout = wait
                 _write_frame(link.fd, head, payload)
+                link.after_write()
                 return
             except BlockingIOError as err:
                 # SO_SNDTIMEO ran out: the receiver's buffer stayed full. Part of
@@ -820,23 +868,37 @@ def _full(pid: int, group: str, wait: float) -> MailboxFull:
     )
 
 
-def open_mailbox(
-    *, max_queue: int = tr.DEFAULT_MAX_QUEUE, max_frame: int = tr.DEFAULT_MAX_FRAME
-) -> None:
+def open_mailbox(*, max_queue: Optional[int] = None, max_frame: Optional[int] = None) -> None:
     """Open this process's mailbox (idempotent); it normally opens by itself.
 
     Args:
-        max_queue: messages held per group before senders are slowed down.
-        max_frame: the largest message accepted, in bytes; larger frames close
-            the sender's connection.
+        max_queue: messages held per group before senders are slowed down
+            (default 10 000); on an open mailbox, changes it.
+        max_frame: the largest message accepted, in bytes (default 1 GiB);
+            senders learn it when they connect and refuse larger messages.
 
     Raises:
+        ValueError: a limit is not a positive int, or ``max_frame`` differs from
+            that of the mailbox already open (close it first).
         MailboxError: the runtime directory is unsafe or the socket cannot be made.
     """
     for name, value in (("max_queue", max_queue), ("max_frame", max_frame)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    _ensure_open(max_queue, max_frame)
+    mailbox = _state.mailbox
+    if mailbox is None:
+        _ensure_open(max_queue or tr.DEFAULT_MAX_QUEUE, max_frame or tr.DEFAULT_MAX_FRAME)
+        return
+    if max_frame is not None and max_frame != mailbox.max_frame:
+        raise ValueError(
+            f"the mailbox is open with max_frame={mailbox.max_frame}, which its senders "
+            "were told; call close_mailbox() before opening it with another"
+        )
+    if max_queue is not None:
+        with mailbox.lock:
+            mailbox.max_queue = max_queue
 
 
 def _ensure_open(
@@ -879,7 +941,7 @@ def close_mailbox() -> None:
         links = list(state.links.values())
         state.links.clear()
     for link in links:
-        link.conn.close()
+        link.retire()
     if mailbox is not None and mailbox.pid == os.getpid():
         mailbox.close()
 
@@ -901,7 +963,8 @@ def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
         MailboxError: the mailbox cannot open, or was closed while waiting.
     """
     _encode_group(group)
-    return _ensure_open().get(group, _check_timeout(timeout))
+    wait = _check_timeout(timeout)  # before opening: bad input has no side effect
+    return _ensure_open().get(group, wait)
 
 
 def _after_fork_in_child() -> None:

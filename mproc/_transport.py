@@ -394,8 +394,8 @@ def _client_handshake(
     if peer_uid != os.getuid() or peer_pid != pid:
         sock.close()
         raise MailboxError(
-            f"the mailbox socket {path} is held by PID {peer_pid} (uid {peer_uid}), "
-            f"not by PID {pid}; refusing to send",
+            f"the mailbox socket {path} is held by PID {peer_pid} of uid {peer_uid}; "
+            f"only PID {pid} of uid {os.getuid()} (you) may hold it; refusing to send",
             pid=pid,
             path=path,
         )

@@ -249,12 +249,52 @@ def test_receive_timeout(timeout: float) -> None:
     assert (err.pid, err.group) == (me(), "nothing-here")
 
 
-def test_receive_timeout_zero_returns_a_delivered_message() -> None:
-    # send() returns once this process holds the message, so a poll must see it.
+@pytest.mark.parametrize("reader", ["busy", "idle"])
+def test_receive_timeout_zero_returns_a_delivered_message(reader: str) -> None:
+    # send() returns once this process holds the message, so a poll must see
+    # it, whoever is reading the sockets at the time.
     mproc.open_mailbox()
+    mailbox = _mailbox._state.mailbox
+    assert mailbox is not None
     for i in range(20):
+        if reader == "idle":
+            peers.wait_for(
+                lambda: mailbox.leader == _mailbox._BACKGROUND, "the background reader to lead"
+            )
         mproc.send(me(), i)
         assert mproc.receive(timeout=0).data == i
+
+
+def test_receive_timeout_zero_sees_what_another_process_sent(kids: Kids, runtime_dir: str) -> None:
+    mproc.open_mailbox()
+    mailbox = _mailbox._state.mailbox
+    assert mailbox is not None
+    ack_r, ack_w = multiprocessing.get_context("fork").Pipe()
+    child = kids.start(_send_when_told, runtime_dir, me(), 10, ack_w)
+    try:
+        for i in range(10):
+            # Idle here: the background thread is the one reading the sockets.
+            peers.wait_for(
+                lambda: mailbox.leader == _mailbox._BACKGROUND, "the background reader to lead"
+            )
+            ack_r.send("go")
+            assert ack_r.poll(WAIT)
+            assert ack_r.recv() == i  # the child's send(i) has returned
+            msg = mproc.receive(timeout=0)
+            assert (msg.sender_pid, msg.data) == (child.pid, i)
+    finally:
+        ack_r.close()
+    assert kids.finish(child) == 0
+
+
+def _send_when_told(rundir: str, parent: int, count: int, ack: Any) -> None:
+    peers.use_runtime(rundir)
+    for i in range(count):
+        if not ack.poll(WAIT):
+            raise SystemExit(2)
+        ack.recv()
+        mproc.send(parent, i, timeout=WAIT)
+        ack.send(i)
 
 
 def test_receive_with_timeout_returns_as_soon_as_a_message_arrives(
@@ -746,6 +786,62 @@ def test_old_connections_are_evicted(
     assert [kids.finish(c) for c in children] == [0, 0, 0]
 
 
+def test_evicted_connection_is_never_used_for_another_process(
+    kids: Kids, runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread about to write on a cached connection while other sends evict
+    # (close) it: the freed descriptor is soon another connection's. The
+    # message must reach its PID or fail, never land in another process.
+    monkeypatch.setattr(_mailbox, "_MAX_LINKS", 1)
+    p, q, r = (kids.start(peers.echo, runtime_dir, me()) for _ in range(3))
+    assert {mproc.receive("ready", timeout=WAIT).data for _ in range(3)} == {p.pid, q.pid, r.pid}
+    mproc.send(p.pid, "warm")
+    assert mproc.receive("echo", timeout=WAIT).data == (me(), "warm")
+    in_write = threading.Event()
+    go_on = threading.Event()
+    real_write_frame = _mailbox._write_frame
+
+    def paused_write_frame(fd: int, head: bytes, payload: bytes) -> None:
+        if threading.current_thread().name == "paused-sender" and not in_write.is_set():
+            in_write.set()
+            go_on.wait(WAIT)
+        real_write_frame(fd, head, payload)
+
+    monkeypatch.setattr(_mailbox, "_write_frame", paused_write_frame)
+    errors: list[BaseException] = []
+
+    def send_to_p() -> None:
+        try:
+            mproc.send(p.pid, "for P only")
+        except Exception as err:
+            errors.append(err)
+
+    sender = threading.Thread(target=send_to_p, name="paused-sender", daemon=True)
+    sender.start()
+    try:
+        assert in_write.wait(WAIT)
+        # Each new connection evicts the one before (the limit is 1 here).
+        mproc.send(q.pid, "for Q")
+        mproc.send(r.pid, "for R")
+    finally:
+        go_on.set()
+        sender.join(WAIT)
+    assert not sender.is_alive()
+    echoes: dict[int, list[Any]] = collections.defaultdict(list)
+    try:
+        for _ in range(2 if errors else 3):
+            msg = mproc.receive("echo", timeout=WAIT)
+            echoes[msg.sender_pid].append(msg.data[1])
+        assert_nothing_more("echo")
+    finally:
+        for child in (p, q, r):
+            mproc.send(child.pid, None)  # let them close their mailboxes and exit
+        assert [kids.finish(c) for c in (p, q, r)] == [0, 0, 0]
+    assert echoes[q.pid] == ["for Q"]
+    assert echoes[r.pid] == ["for R"]
+    assert echoes[p.pid] == ([] if errors else ["for P only"])
+
+
 # ---------------------------------------------------------------- 14. fork
 
 
@@ -975,3 +1071,25 @@ def test_open_mailbox_validates_limits(kwargs: dict[str, Any]) -> None:
         mproc.open_mailbox(**kwargs)
     assert repr(value) in str(info.value)
     assert _mailbox._state.mailbox is None
+
+
+def test_open_mailbox_on_an_open_mailbox_changes_max_queue_only() -> None:
+    mproc.open_mailbox(max_frame=1 << 20)
+    mailbox = _mailbox._state.mailbox
+    assert mailbox is not None
+    mproc.open_mailbox(max_queue=7)
+    assert (mailbox.max_queue, mailbox.max_frame) == (7, 1 << 20)
+    mproc.open_mailbox()  # no limits given: nothing changes
+    assert (mailbox.max_queue, mailbox.max_frame) == (7, 1 << 20)
+    with pytest.raises(ValueError, match=r"max_frame=1048576.*close_mailbox"):
+        mproc.open_mailbox(max_frame=1 << 21)
+    assert _mailbox._state.mailbox is mailbox
+
+
+def test_receive_with_bad_arguments_does_not_open_the_mailbox(runtime_dir: str) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        mproc.receive(timeout=-1)
+    with pytest.raises(TypeError, match="group"):
+        mproc.receive(3)  # type: ignore[arg-type]
+    assert _mailbox._state.mailbox is None
+    assert not [f for f in os.listdir(runtime_dir) if f.endswith(".sock")]

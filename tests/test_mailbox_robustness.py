@@ -313,6 +313,25 @@ def test_frames_before_a_bad_one_are_delivered() -> None:
     assert mproc.receive("g", timeout=2).data == "good"
 
 
+def test_unknown_frame_kind_drops_only_that_connection(
+    kids: Kids, runtime_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    mproc.open_mailbox()
+    conn = peers.authed(me())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="mproc"):
+            good = wire(frame("k", "good"))
+            unknown = wire(struct.pack("!BH", 7, 1) + b"k" + b"payload")
+            os.write(conn.fileno(), good + unknown)
+            assert peers.is_dropped(conn)
+    finally:
+        conn.close()
+    assert mproc.receive("k", timeout=2).data == "good"
+    assert any("unknown frame kind 7" in r.getMessage() for r in caplog.records)
+    assert_nothing("k")
+    assert_serving(kids, runtime_dir)
+
+
 def test_payload_that_is_not_a_pickle(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
