@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from mailbox_peers import WAIT, Kids
 
 import mproc
-from mproc import _mailbox
+from mproc import _mailbox, _receiver
 from mproc import _transport as tr
 
 pytestmark = [
@@ -259,7 +259,7 @@ def test_receive_timeout_zero_returns_a_delivered_message(reader: str) -> None:
     for i in range(20):
         if reader == "idle":
             peers.wait_for(
-                lambda: mailbox.leader == _mailbox._BACKGROUND, "the background reader to lead"
+                lambda: mailbox.leader == _receiver._BACKGROUND, "the background reader to lead"
             )
         mproc.send(me(), i)
         assert mproc.receive(timeout=0).data == i
@@ -275,7 +275,7 @@ def test_receive_timeout_zero_sees_what_another_process_sent(kids: Kids, runtime
         for i in range(10):
             # Idle here: the background thread is the one reading the sockets.
             peers.wait_for(
-                lambda: mailbox.leader == _mailbox._BACKGROUND, "the background reader to lead"
+                lambda: mailbox.leader == _receiver._BACKGROUND, "the background reader to lead"
             )
             ack_r.send("go")
             assert ack_r.poll(WAIT)
@@ -957,7 +957,7 @@ def test_two_receivers_of_one_group_while_one_polls() -> None:
     threads, errors = peers.start_threads(
         [lambda: result.append(mproc.receive("g", timeout=3).data)]
     )
-    peers.wait_for(lambda: mailbox.leader == _mailbox._CONSUMER, "the receiver to read")
+    peers.wait_for(lambda: mailbox.leader == _receiver._CONSUMER, "the receiver to read")
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive("g", timeout=0)
     mproc.send(me(), "for the waiter", "g")
@@ -971,7 +971,7 @@ def test_a_timed_out_receive_does_not_lose_messages() -> None:
     mailbox = _mailbox._state.mailbox
     assert mailbox is not None
     threads, errors = peers.start_threads([lambda: mproc.receive("g", timeout=1)])
-    peers.wait_for(lambda: mailbox.leader == _mailbox._CONSUMER, "the receiver to read")
+    peers.wait_for(lambda: mailbox.leader == _receiver._CONSUMER, "the receiver to read")
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive("g", timeout=0)
     mproc.send(me(), "kept", "g")
