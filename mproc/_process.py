@@ -24,7 +24,7 @@ import cloudpickle
 import psutil
 
 from . import _mailbox, _wait
-from ._errors import NoSuchProcess, describe_exitcode
+from ._errors import MprocError, NoSuchProcess, describe_exitcode
 from ._identity import ENV_PPID
 from ._shell import Env
 
@@ -68,6 +68,10 @@ class ProcessHandle(Protocol):
 
     def send(self, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
         """Send ``obj`` to this process's mailbox (see :func:`mproc.send`)."""
+
+
+def _exited() -> bool:
+    return True
 
 
 def _check_pid(pid: object) -> int:
@@ -377,11 +381,17 @@ class AdoptedProcess(_Stoppable):
             if fd is not None:
                 os.close(fd)
             raise PermissionError(f"cannot read the creation time of PID {pid}") from err
+        except OSError as err:  # e.g. EMFILE: no fd left to read /proc with
+            if fd is not None:
+                os.close(fd)
+            raise MprocError(f"cannot adopt PID {pid}: {err}", pid=pid) from err
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
-        self._watch = _wait.watch(pid, self._gone, fd)
+        # The reaper asks a pidfd-watched process only once its pidfd fired,
+        # and a pidfd pins its process: it has exited, no /proc read needed.
+        self._watch = _wait.watch(pid, _exited if fd is not None else self._gone, fd)
 
     def __repr__(self) -> str:
         return f"<AdoptedProcess pid={self._pid} {'running' if self.is_alive() else 'gone'}>"

@@ -44,6 +44,7 @@ _FRAME = struct.Struct("!iBH")  # both headers of a frame under 2 GiB, read at o
 _IDLE = 0.02  # no receive() for this long: the background thread reads
 _ACCEPT_BACKOFF = 0.05  # after a failed accept() (e.g. out of fds)
 _HANDOVER = 0.5  # the most a poll waits for the background reader to step down
+_KEEP_GROUPS = 32  # idle groups kept (with their Condition) before any is dropped
 _BACKGROUND = "background"
 _CONSUMER = "consumer"
 _READ_CHUNK = 1 << 18
@@ -412,12 +413,17 @@ class Mailbox:
             g = self.groups.get(group)
             if g is None:
                 g = self.groups[group] = _Group(self.lock)
+            # A receiver is active: the background reader must not take the
+            # reading over (and must hand it back if it has it).
+            self.last_consumer = time.monotonic()
             g.users += 1
             try:
                 sender, payload = self._take(g, group, timeout, deadline)
             finally:
                 g.users -= 1
-                if not g.users and not g.queue and not g.paused:
+                # Keep a few idle groups (and their Condition) for reuse; drop
+                # idle ones only when there are many, e.g. one per request id.
+                if not g.users and not g.queue and not g.paused and len(self.groups) > _KEEP_GROUPS:
                     del self.groups[group]
         try:
             data = pickle.loads(payload)

@@ -45,6 +45,9 @@ _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EMFILE, errno.ENF
 _pidfd_supported = hasattr(os, "pidfd_open")
 
 
+_FD_RESERVE = 32  # descriptors pidfds leave to everything else
+
+
 def pidfd_open(pid: int) -> Optional[int]:
     """Open a pidfd (close-on-exec) for ``pid``, or return ``None`` to mean "poll instead".
 
@@ -72,6 +75,14 @@ def pidfd_open(pid: int) -> Optional[int]:
             # The syscall will not start working later: stop trying.
             _pidfd_supported = False
         logger.debug("pidfd_open(%d) failed (%s); polling for its exit instead", pid, err)
+        return None
+    # Leave some descriptors free: pidfds for thousands of processes must not
+    # starve the rest (psutil's /proc reads, the polling fallback, sockets).
+    import resource  # here: pidfds exist only on Linux, resource not on Windows
+
+    if fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE:
+        os.close(fd)
+        logger.debug("pidfd_open(%d): few descriptors left; polling for its exit instead", pid)
         return None
     return fd
 

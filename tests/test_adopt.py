@@ -170,3 +170,19 @@ def test_adopt_zombie(spawner: Any) -> None:
     with pytest.raises(mproc.NoSuchProcess):
         h.signal(signal.SIGTERM)
     assert p.wait(TIMEOUT) == 0
+
+
+def test_adopting_without_a_free_descriptor_is_a_clear_error(
+    spawner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = spawner.popen(["sleep", "30"])
+
+    def no_fds(pid: int) -> Any:
+        raise OSError(24, "Too many open files", f"/proc/{pid}/stat")
+
+    with monkeypatch.context() as patch, pytest.raises(mproc.MprocError) as info:
+        patch.setattr(psutil, "Process", no_fds)  # undone before the leak check
+        mproc.ProcessManager().add_process(proc.pid)
+    assert info.value.pid == proc.pid
+    assert f"PID {proc.pid}" in str(info.value)
+    assert "Too many open files" in str(info.value)

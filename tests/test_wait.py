@@ -245,3 +245,22 @@ def test_fork_resets_reaper() -> None:
     sleeper.kill()
     assert held.wait(10)
     assert sleeper.returncode == -signal.SIGKILL
+
+
+def test_pidfd_open_leaves_descriptors_free_near_the_limit() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.open(os.devnull, os.O_RDONLY)  # the next free descriptor
+    os.close(probe)
+    try:
+        # The next descriptor falls inside the reserve: poll rather than use it.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + _wait._FD_RESERVE, hard))
+        assert _wait.pidfd_open(proc.pid) is None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + _wait._FD_RESERVE + 8, hard))
+        fd = _wait.pidfd_open(proc.pid)
+        assert fd is not None
+        os.close(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        proc.kill()
+        proc.wait(10)
