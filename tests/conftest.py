@@ -175,3 +175,15 @@ def spawner() -> Iterator[Spawner]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def kids() -> Iterator[Any]:
+    """Mailbox test children (``mailbox_peers.Kids``), always reaped at the end."""
+    from mailbox_peers import Kids
+
+    k = Kids()
+    try:
+        yield k
+    finally:
+        k.close()

@@ -321,3 +321,8 @@ def join_all(threads: list[threading.Thread], timeout: float = WAIT) -> None:
         t.join(max(deadline - time.monotonic(), 0))
         if t.is_alive():
             raise AssertionError(f"thread {t.name} did not finish within {timeout} s")
+
+
+def me() -> int:
+    """This process's PID (the receiver in most tests)."""
+    return os.getpid()

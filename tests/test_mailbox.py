@@ -23,7 +23,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import mailbox_peers as peers
@@ -31,7 +30,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mailbox_peers import WAIT, Kids
+from mailbox_peers import WAIT, Kids, me
 
 import mproc
 from mproc import _mailbox, _receiver
@@ -46,19 +45,6 @@ pytestmark = [
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 MiB = 1 << 20
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-def me() -> int:
-    return os.getpid()
 
 
 def assert_nothing_more(group: str = "", timeout: float = 0.3) -> None:

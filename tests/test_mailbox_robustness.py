@@ -23,13 +23,12 @@ import termios
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing import connection as mpc
 from typing import Any
 
 import mailbox_peers as peers
 import pytest
-from mailbox_peers import WAIT, Kids, frame, wire
+from mailbox_peers import WAIT, Kids, frame, me, wire
 
 import mproc
 from mproc import _mailbox
@@ -41,19 +40,6 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-def me() -> int:
-    return os.getpid()
 
 
 def assert_serving(kids: Kids, rundir: str) -> None:

@@ -18,13 +18,12 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterator
 from multiprocessing import connection as mpc
 from typing import Any, Callable
 
 import mailbox_peers as peers
 import pytest
-from mailbox_peers import WAIT, Kids, frame, wire
+from mailbox_peers import WAIT, Kids, frame, me, wire
 
 import mproc
 from mproc import _transport as tr
@@ -37,19 +36,6 @@ pytestmark = [
 ROOT = os.geteuid() == 0
 NOBODY = 65534
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root to act as a second user")
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    k = Kids()
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-def me() -> int:
-    return os.getpid()
 
 
 def use_dir(monkeypatch: pytest.MonkeyPatch, path: str) -> str:
