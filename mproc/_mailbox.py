@@ -108,22 +108,31 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 class _Link:
-    """A sender's persistent connection to one receiver."""
+    """A sender's persistent connection to one receiver, for one group.
 
-    __slots__ = ("conn", "fd", "lock", "max_frame", "retired", "send_timeout")
+    One connection per (receiver, group): back-pressure is per connection, so
+    a full group must not hold up the sender's messages to other groups.
+    """
+
+    __slots__ = ("conn", "fd", "fd_lock", "lock", "max_frame", "retired", "send_timeout")
 
     def __init__(self, conn: mpc.Connection, max_frame: int) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         self.max_frame = max_frame  # the receiver's limit, told in the handshake
         self.lock = threading.Lock()  # held for a whole frame's write
+        self.fd_lock = threading.Lock()  # held while the fd is closed or shut down
         self.send_timeout = -1.0
         self.retired = False
+
+    def close(self) -> None:
+        with self.fd_lock:
+            self.conn.close()
 
     def after_write(self) -> None:
         """Close the connection if it was retired during the write (lock held)."""
         if self.retired:
-            self.conn.close()
+            self.close()
 
     def retire(self) -> None:
         """Close the connection, now or when the thread writing to it is done.
@@ -134,34 +143,40 @@ class _Link:
         self.retired = True
         if self.lock.acquire(blocking=False):
             try:
-                self.conn.close()
+                self.close()
             finally:
                 self.lock.release()
             return
         # A write is in progress: make it fail now (the writer retries on a
         # new connection), and leave closing the fd to the writer (after_write).
-        try:
-            with socket.socket(fileno=os.dup(self.fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        # fd_lock: the writer may have closed it meanwhile, and the number
+        # may name another socket by now.
+        with self.fd_lock:
+            if self.conn.closed:
+                return
+            try:
+                with socket.socket(fileno=os.dup(self.fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.mailbox: Optional[Mailbox] = None
-        self.links: OrderedDict[int, _Link] = OrderedDict()
+        self.links: OrderedDict[tuple[int, str], _Link] = OrderedDict()
         self.atexit = False
 
 
 _state = _State()
 
 
-def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
-    """Return the cached connection to ``pid`` (or a new one) and whether it is new."""
+def _link(pid: int, group: str, deadline: float) -> tuple[_Link, bool]:
+    """Return the connection to ``pid`` for ``group`` (maybe new) and whether it is new."""
     state = _state
-    link = state.links.get(pid)  # a dict read is atomic: no lock on the hot path
+    key = (pid, group)
+    link = state.links.get(key)  # a dict read is atomic: no lock on the hot path
     if link is not None:
         return link, False
     try:
@@ -170,11 +185,11 @@ def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
         raise MailboxError(f"cannot send to PID {pid}: {err}", pid=pid, path=err.path) from err
     conn, max_frame = tr.connect(rt, pid, deadline)
     with state.lock:
-        existing = state.links.get(pid)
+        existing = state.links.get(key)
         if existing is not None:
             conn.close()
             return existing, False
-        link = state.links[pid] = _Link(conn, max_frame)
+        link = state.links[key] = _Link(conn, max_frame)
         # Evict the oldest connection: a sender that talks to thousands of PIDs
         # over time must not run out of file descriptors.
         evicted = [state.links.popitem(last=False)[1] for _ in range(len(state.links) - _MAX_LINKS)]
@@ -183,13 +198,13 @@ def _link(pid: int, deadline: float) -> tuple[_Link, bool]:
     return link, True
 
 
-def _unlink(pid: int, link: _Link) -> None:
+def _unlink(key: tuple[int, str], link: _Link) -> None:
     """Forget and close a broken connection (the caller holds ``link.lock``)."""
     with _state.lock:
-        if _state.links.get(pid) is link:
-            del _state.links[pid]
+        if _state.links.get(key) is link:
+            del _state.links[key]
     link.retired = True
-    link.conn.close()
+    link.close()
 
 
 def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
@@ -284,18 +299,19 @@ def _send_frame(
 ) -> None:
     wait = tr.DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
     deadline = 0.0
+    key = (pid, group)
     while True:
-        link = _state.links.get(pid)
+        link = _state.links.get(key)
         fresh = False
         if link is None:
             if not deadline:
                 deadline = time.monotonic() + wait
-            link, fresh = _link(pid, deadline)
+            link, fresh = _link(pid, group, deadline)
         _check_size(len(head) + len(payload), link.max_frame, pid, group, "the receiver's")
         # Whoever holds the lock is inside a write() bounded by SO_SNDTIMEO.
         with link.lock:
             if link.retired:  # evicted or closed while we waited for it
-                link.conn.close()
+                link.close()
                 continue
             try:
                 # SO_SNDTIMEO bounds each write(): the wait for room in the
@@ -309,10 +325,10 @@ def _send_frame(
             except BlockingIOError as err:
                 # SO_SNDTIMEO ran out: the receiver's buffer stayed full. Part of
                 # the frame may be written, so this connection can carry no more.
-                _unlink(pid, link)
+                _unlink(key, link)
                 raise _full(pid, group, wait) from err
             except OSError as err:
-                _unlink(pid, link)
+                _unlink(key, link)
                 if not fresh:
                     continue  # a cached connection to a mailbox since closed: look again
                 raise MailboxError(

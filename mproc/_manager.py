@@ -249,22 +249,28 @@ class ProcessManager:
             if self._procs.get(pid) is handle:
                 del self._procs[pid]
 
+    def _held(self) -> list[tuple[int, ProcessHandle]]:
+        # The PID is the key: a close()d multiprocessing Process no longer
+        # answers .pid (nor wait/is_alive: ValueError) but must not stop us.
+        with self._lock:
+            return list(self._procs.items())
+
+    @staticmethod
     def _signal_each(
-        self, handles: list[ProcessHandle], send: Callable[[ProcessHandle], None]
-    ) -> tuple[list[ProcessHandle], dict[int, BaseException]]:
-        done: list[ProcessHandle] = []
+        held: list[tuple[int, ProcessHandle]], send: Callable[[ProcessHandle], None]
+    ) -> tuple[list[tuple[int, ProcessHandle]], dict[int, BaseException]]:
+        done: list[tuple[int, ProcessHandle]] = []
         failures: dict[int, BaseException] = {}
-        for h in handles:
-            pid = h.pid
+        for pid, h in held:
             try:
                 send(h)
             except NoSuchProcess:
                 pass  # gone already: nothing to do, not a failure
             except Exception as err:
-                if pid is not None:
+                if not _closed(h):
                     failures[pid] = err
-                continue
-            done.append(h)
+                    continue
+            done.append((pid, h))
         return done, failures
 
     def wait_all(self, timeout: Optional[float] = None) -> dict[int, Optional[int]]:
@@ -278,16 +284,18 @@ class ProcessManager:
             running at the deadline, and for an adopted one.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait_handles(self.processes(), deadline)
+        return self._wait_handles(self._held(), deadline)
 
     @staticmethod
     def _wait_handles(
-        handles: list[ProcessHandle], deadline: Optional[float]
+        held: list[tuple[int, ProcessHandle]], deadline: Optional[float]
     ) -> dict[int, Optional[int]]:
         codes: dict[int, Optional[int]] = {}
-        for h in handles:
-            if h.pid is not None:
-                codes[h.pid] = h.wait(_remaining(deadline))
+        for pid, h in held:
+            if _closed(h):
+                codes[pid] = None  # joined and closed by its owner: exited, code unknown
+            else:
+                codes[pid] = h.wait(_remaining(deadline))
         return codes
 
     def signal_all(self, sig: int) -> None:
@@ -300,7 +308,7 @@ class ProcessManager:
             MprocError: sending failed for some processes (after trying all);
                 the message lists each PID and its error, ``errors`` maps them.
         """
-        _, failures = self._signal_each(self.processes(), lambda h: h.signal(sig))
+        _, failures = self._signal_each(self._held(), lambda h: h.signal(sig))
         if failures:
             raise _failure(f"signal_all({_signal_name(sig)})", failures)
 
@@ -318,14 +326,13 @@ class ProcessManager:
             MprocError: killing failed for some processes (after trying all);
                 they stay listed; the message lists each PID and its error.
         """
-        handles = self.processes()
-        _, failures = self._signal_each(handles, lambda h: h.kill())
+        held = self._held()
+        _, failures = self._signal_each(held, lambda h: h.kill())
         deadline = None if timeout is None else time.monotonic() + timeout
-        killed = [h for h in handles if h.pid not in failures]
+        killed = [(pid, h) for pid, h in held if pid not in failures]
         codes = self._wait_handles(killed, deadline)
-        for h in killed:
-            if h.pid is not None:
-                self._forget(h.pid, h)
+        for pid, h in killed:
+            self._forget(pid, h)
         if failures:
             raise _failure("kill_all()", failures)
         return codes
@@ -344,16 +351,16 @@ class ProcessManager:
             MprocError: signalling failed for some processes (after trying
                 all); the message lists each PID and its error.
         """
-        handles = self.processes()
-        _, failures = self._signal_each(handles, lambda h: h.terminate())
+        held = self._held()
+        signalled, failures = self._signal_each(held, lambda h: h.terminate())
         deadline = None if timeout is None else time.monotonic() + timeout
-        codes = self._wait_handles(handles, deadline)
-        stubborn = [h for h in handles if h.is_alive() and h.pid not in failures]
+        codes = self._wait_handles(signalled, deadline)
+        stubborn = [(pid, h) for pid, h in signalled if not _closed(h) and h.is_alive()]
         if stubborn:
             logger.warning(
                 "processes still alive %s s after SIGTERM, sending SIGKILL: %s",
                 timeout,
-                ", ".join(f"PID {h.pid}" for h in stubborn),
+                ", ".join(f"PID {pid}" for pid, _ in stubborn),
             )
             _, more = self._signal_each(stubborn, lambda h: h.kill())
             failures.update(more)
@@ -383,7 +390,7 @@ class ProcessManager:
         Raises:
             MessageError: ``obj`` cannot be pickled; nothing was sent.
         """
-        pids = [h.pid for h in self.processes() if h.pid is not None]
+        pids = [pid for pid, h in self._held() if not _closed(h)]
         return _mailbox.send_many(pids, obj, group, timeout=timeout)
 
     def send_to(
@@ -396,6 +403,13 @@ class ProcessManager:
                 as :func:`mproc.send`.
         """
         _mailbox.send(pid, obj, group, timeout=timeout)
+
+
+def _closed(handle: ProcessHandle) -> bool:
+    """Whether ``handle`` is a multiprocessing Process its owner has close()d."""
+    return isinstance(handle, multiprocessing.process.BaseProcess) and bool(
+        handle.__dict__.get("_closed")
+    )
 
 
 def _signal_name(sig: int) -> str:

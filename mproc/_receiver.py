@@ -140,6 +140,7 @@ class Mailbox:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)  # written under the lock: must never block
+        self.wake_open = True
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.background = threading.Thread(
             target=self._background_loop, name="mproc-mailbox-reader", daemon=True
@@ -194,7 +195,7 @@ class Mailbox:
                 conn.close()
                 return
             self.new_peers.append(_Peer(conn, pid))
-        self._wake()
+            self._wake()
         # Only now, with the peer known to the readers, may it start sending:
         # whatever send() it then completes, the next receive() must find.
         try:
@@ -203,6 +204,9 @@ class Mailbox:
             log.debug("mailbox %s: PID %d left during the handshake: %r", self.path, pid, err)
 
     def _wake(self) -> None:
+        """Wake whoever reads (lock held: close() closes the pipe under it)."""
+        if not self.wake_open:
+            return
         try:
             os.write(self.wake_w, b"w")
         except OSError:
@@ -217,7 +221,8 @@ class Mailbox:
                     if self.closed:
                         return
                     idle = time.monotonic() - self.last_consumer
-                    if self.leader is None and idle >= _IDLE:
+                    waiting = any(g.waiting for g in self.groups.values())
+                    if self.leader is None and idle >= _IDLE and not waiting:
                         self.leader = _BACKGROUND
                         self.background_yield = False
                         break
@@ -476,8 +481,10 @@ class Mailbox:
                     self._step_down()
                 continue
             if self.leader == _BACKGROUND and not self.background_yield:
-                # Take the reading over from the background thread.
+                # Take the reading over from the background thread, which must
+                # then not take it back at once (it would, were we "idle").
                 self.background_yield = True
+                self.last_consumer = time.monotonic()
                 self._wake()
             if expired:
                 handed = True
@@ -518,8 +525,10 @@ class Mailbox:
             peer.conn.close()
         self.peers.clear()
         self.selector.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        with self.lock:  # _wake() writes under it
+            self.wake_open = False
+            os.close(self.wake_r)
+            os.close(self.wake_w)
 
     def _stop_accepting(self) -> None:
         """Wake the accept thread, which is blocked in accept()."""

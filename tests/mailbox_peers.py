@@ -326,3 +326,11 @@ def join_all(threads: list[threading.Thread], timeout: float = WAIT) -> None:
 def me() -> int:
     """This process's PID (the receiver in most tests)."""
     return os.getpid()
+
+
+def control_behind_full_data(rundir: str, parent: int) -> None:
+    """Hold a tiny queue, never read group "data", wait for group "ctl"."""
+    use_runtime(rundir)
+    mproc.open_mailbox(max_queue=2)
+    mproc.send(parent, os.getpid(), "ready", timeout=WAIT)
+    mproc.send(parent, mproc.receive("ctl", timeout=WAIT).data, "got", timeout=WAIT)

@@ -1079,3 +1079,16 @@ def test_receive_with_bad_arguments_does_not_open_the_mailbox(runtime_dir: str) 
         mproc.receive(3)  # type: ignore[arg-type]
     assert _mailbox._state.mailbox is None
     assert not [f for f in os.listdir(runtime_dir) if f.endswith(".sock")]
+
+
+def test_a_full_group_does_not_hold_up_another_group(kids: Kids, runtime_dir: str) -> None:
+    # Back-pressure is per (sender, receiver, group): "data" is full and never
+    # read, yet "ctl" from the same sending thread gets through.
+    mproc.open_mailbox()
+    child = kids.start(peers.control_behind_full_data, runtime_dir, me())
+    assert mproc.receive("ready", timeout=WAIT).data == child.pid
+    for i in range(3):
+        mproc.send(child.pid, i, "data", timeout=WAIT)
+    mproc.send(child.pid, "stop", "ctl", timeout=WAIT)
+    assert mproc.receive("got", timeout=WAIT).data == "stop"
+    assert kids.finish(child) == 0

@@ -393,7 +393,7 @@ def test_refused_and_dropped_peers_are_logged_at_debug_level(
 
 def _unsent_bytes(pid: int) -> int:
     """Bytes written to our connection to ``pid`` that its reader has not taken yet."""
-    link = _mailbox._state.links.get(pid)
+    link = _mailbox._state.links.get((pid, ""))
     if link is None:
         return 0
     raw = fcntl.ioctl(link.fd, termios.TIOCOUTQ, struct.pack("i", 0))  # SIOCOUTQ

@@ -313,3 +313,24 @@ def test_handles_are_process_handles() -> None:
     assert isinstance(mproc.Process(target=print), mproc.ProcessHandle)
     assert isinstance(mproc.Command("true"), mproc.ProcessHandle)
     assert not isinstance(psutil.Process(), mproc.ProcessHandle)
+
+
+def _exit_now() -> None:
+    pass
+
+
+def test_a_closed_process_does_not_stop_the_manager() -> None:
+    # join() then close() is the multiprocessing idiom; a closed Process no
+    # longer answers .pid/.wait(), which must not orphan the others.
+    with mproc.ProcessManager() as m:
+        done = mproc.Process(target=_exit_now, start_method="fork")
+        done_pid = m.start(done)
+        done.join(10)
+        done.close()
+        sleeper = m.new_process("sleep", ["30"])
+        sleeper_pid = sleeper.start()
+        m.signal_all(0)
+        assert m.send("hello", timeout=0.2).keys() == {sleeper_pid}  # no mailbox there
+        codes = m.terminate_all(timeout=5)
+    assert codes == {done_pid: None, sleeper_pid: -signal.SIGTERM}
+    assert not sleeper.is_alive()
