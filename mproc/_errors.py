@@ -25,6 +25,8 @@ __all__ = [
 ]
 
 Cmd = Union[str, Sequence[str]]
+# Windows has no SIGKILL; `import mproc` must still work there.
+_SIGKILL = int(getattr(signal, "SIGKILL", 9))
 
 
 def describe_exitcode(code: Optional[int]) -> str:
@@ -150,7 +152,7 @@ class ShellTimeout(ShellError, subprocess.TimeoutExpired):
         output: Any = None,
         stderr: Any = None,
         *,
-        returncode: int = -signal.SIGKILL,
+        returncode: int = -_SIGKILL,
         pid: Optional[int] = None,
         msg: str = "",
     ) -> None:
