@@ -334,3 +334,21 @@ def control_behind_full_data(rundir: str, parent: int) -> None:
     mproc.open_mailbox(max_queue=2)
     mproc.send(parent, os.getpid(), "ready", timeout=WAIT)
     mproc.send(parent, mproc.receive("ctl", timeout=WAIT).data, "got", timeout=WAIT)
+
+
+def count_lookups(monkeypatch: Any, target: int) -> threading.Semaphore:
+    """Release the returned semaphore each time a sender looks up ``target``'s socket.
+
+    Two acquisitions mean the sender found no mailbox at its first look and is
+    waiting for one: a handshake, not a sleep.
+    """
+    lookups = threading.Semaphore(0)
+    real_socket_path = tr.socket_path
+
+    def counting_socket_path(rt: tr.Runtime, pid: int, identity: str) -> str:
+        if pid == target:
+            lookups.release()
+        return real_socket_path(rt, pid, identity)
+
+    monkeypatch.setattr(tr, "socket_path", counting_socket_path)
+    return lookups

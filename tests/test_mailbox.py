@@ -34,7 +34,6 @@ from mailbox_peers import WAIT, Kids, me
 
 import mproc
 from mproc import _mailbox, _receiver
-from mproc import _transport as tr
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-specific checks"),
@@ -303,15 +302,7 @@ def test_send_waits_for_a_mailbox_that_opens_later(
 ) -> None:
     go = multiprocessing.get_context("fork").Event()
     child = kids.start(peers.open_when_told, runtime_dir, me(), go)
-    lookups = threading.Semaphore(0)
-    real_socket_path = tr.socket_path
-
-    def counting_socket_path(rt: tr.Runtime, pid: int, identity: str) -> str:
-        if pid == child.pid:
-            lookups.release()
-        return real_socket_path(rt, pid, identity)
-
-    monkeypatch.setattr(tr, "socket_path", counting_socket_path)
+    lookups = peers.count_lookups(monkeypatch, child.pid)
     threads, errors = peers.start_threads([lambda: mproc.send(child.pid, "early", timeout=WAIT)])
     # A second look-up means the first found no mailbox: send() is waiting for it.
     assert lookups.acquire(timeout=WAIT)

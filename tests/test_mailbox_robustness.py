@@ -21,7 +21,6 @@ import subprocess
 import sys
 import termios
 import textwrap
-import threading
 import time
 from multiprocessing import connection as mpc
 from typing import Any
@@ -437,15 +436,7 @@ def test_receiver_dies_while_a_sender_waits_for_it_to_open(
     spawner: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proc = spawner.popen(["sleep", "60"])
-    lookups = threading.Semaphore(0)
-    real_socket_path = tr.socket_path
-
-    def counting_socket_path(rt: tr.Runtime, pid: int, identity: str) -> str:
-        if pid == proc.pid:
-            lookups.release()
-        return real_socket_path(rt, pid, identity)
-
-    monkeypatch.setattr(tr, "socket_path", counting_socket_path)
+    lookups = peers.count_lookups(monkeypatch, proc.pid)
     threads, errors = peers.start_threads([lambda: mproc.send(proc.pid, "x", timeout=30)])
     assert lookups.acquire(timeout=WAIT)
     assert lookups.acquire(timeout=WAIT)
@@ -512,15 +503,7 @@ def test_stale_file_at_the_right_path_gives_way_to_the_new_mailbox(
     assert token is not None
     stale = tr.socket_path(tr.runtime(), child.pid, token)
     stale_socket(stale)
-    lookups = threading.Semaphore(0)
-    real_socket_path = tr.socket_path
-
-    def counting_socket_path(rt: tr.Runtime, pid: int, identity: str) -> str:
-        if pid == child.pid:
-            lookups.release()
-        return real_socket_path(rt, pid, identity)
-
-    monkeypatch.setattr(tr, "socket_path", counting_socket_path)
+    lookups = peers.count_lookups(monkeypatch, child.pid)
     threads, errors = peers.start_threads([lambda: mproc.send(child.pid, "hi", timeout=WAIT)])
     # The stale file refuses connections: the sender keeps waiting for the real mailbox.
     assert lookups.acquire(timeout=WAIT)
