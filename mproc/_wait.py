@@ -110,6 +110,7 @@ class Watch:
         # an unrelated open() (even another process's pidfd).
         self._lock = threading.Lock()
         self._deadline: Optional[float] = None
+        self._owner = os.getpid()  # only this process's reaper ever reports the exit
 
     def __repr__(self) -> str:
         state = "exited" if self.exited.is_set() else "watching"
@@ -125,7 +126,15 @@ class Watch:
 
         Returns:
             Whether the process has exited.
+
+        Raises:
+            ValueError: called in a forked copy of the process that made the watch.
         """
+        if self._owner != os.getpid():
+            raise ValueError(
+                f"PID {self.pid} is watched by process {self._owner}; this forked copy "
+                f"(PID {os.getpid()}) cannot wait for it (as multiprocessing's join())"
+            )
         if timeout is not None and timeout <= 0:
             return self.exited.is_set()
         return self.exited.wait(timeout)

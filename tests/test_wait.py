@@ -264,3 +264,33 @@ def test_pidfd_open_leaves_descriptors_free_near_the_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         proc.kill()
         proc.wait(10)
+
+
+def test_a_forked_copy_cannot_wait_for_its_parents_child() -> None:
+    cmd = mproc.Command("sleep", ["30"])
+    cmd.start()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                cmd.wait(30)  # would wait out the timeout: the child's reaper never sees it
+                report = "waited"
+            except ValueError as err:
+                report = str(err)
+            os.write(w, report.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        report = _read_exact(r).decode()
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        cmd.kill()
+        cmd.wait(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert f"PID {cmd.pid}" in report and "forked" in report
