@@ -23,7 +23,7 @@ from typing import IO, Any, Callable, ClassVar, Optional, Protocol, Union, runti
 import cloudpickle
 import psutil
 
-from . import _mailbox, _wait
+from . import _mailbox, _transport, _wait
 from ._errors import MprocError, NoSuchProcess, describe_exitcode
 from ._identity import ENV_PPID
 from ._shell import Env
@@ -242,6 +242,7 @@ class Process(_Stoppable, multiprocessing.Process):
         super().__init__(group, target, name, args, {} if kwargs is None else kwargs, daemon=daemon)
         self._mproc_method = _method_name(start_method)
         self._mproc_launcher = 0
+        self._mproc_runtime_dir = ""
         self._mproc_lock = threading.RLock()
         self._mproc_watch: Optional[_wait.Watch] = None
 
@@ -272,9 +273,12 @@ class Process(_Stoppable, multiprocessing.Process):
     def _bootstrap(self, *args: Any, **kwargs: Any) -> int:
         # Runs first thing in the child under every start method (private,
         # but stable from 3.9 to 3.13): the one place to set MPROC_PPID for
-        # spawn and forkserver children, whose environment is not ours.
+        # spawn and forkserver children, whose environment is not ours (a
+        # forkserver's is that of the moment it started). The runtime
+        # directory too: the child must find its launcher's mailbox.
         if self._mproc_launcher:
             os.environ[ENV_PPID] = str(self._mproc_launcher)
+            os.environ[_transport.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
         try:
             code: int = super()._bootstrap(*args, **kwargs)  # type: ignore[misc]
         finally:
@@ -290,6 +294,7 @@ class Process(_Stoppable, multiprocessing.Process):
             AssertionError: started twice, as :meth:`multiprocessing.Process.start`.
         """
         self._mproc_launcher = os.getpid()
+        self._mproc_runtime_dir = _transport.runtime_dir()
         _mailbox.open_for_children()
         super().start()
         popen = self.__dict__["_popen"]

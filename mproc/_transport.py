@@ -41,6 +41,8 @@ __all__ = [
     "socket_path",
 ]
 
+#: The environment variable that names the runtime directory.
+ENV_RUNTIME_DIR = "MPROC_RUNTIME_DIR"
 #: A send() waits this long for a mailbox to open, or for queue space.
 DEFAULT_TIMEOUT = 5.0
 #: Messages waiting per group before senders are slowed down (gproc's default).
@@ -74,8 +76,13 @@ class Runtime:
 _runtime_cache: dict[tuple[str, int, int], Runtime] = {}
 
 
+def runtime_dir() -> str:
+    """Return the runtime directory this process uses now (not checked, not created)."""
+    return _runtime_dir()
+
+
 def _runtime_dir() -> str:
-    explicit = os.environ.get("MPROC_RUNTIME_DIR")
+    explicit = os.environ.get(ENV_RUNTIME_DIR)
     if explicit:
         return os.path.abspath(explicit)
     xdg = os.environ.get("XDG_RUNTIME_DIR")

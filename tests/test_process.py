@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -309,3 +311,34 @@ def test_main_module_classes(tmp_path: Path) -> None:
         orphans = [p for p in psutil.Process().children() if p.pid not in before]
         psutil.wait_procs(orphans, timeout=10)
     assert done.returncode == 42, done.stderr.decode()
+
+
+def _send_home() -> None:
+    mproc.send(mproc.ppid(), "home", timeout=10)
+
+
+def _nothing() -> None:
+    pass
+
+
+def test_forkserver_child_uses_its_launchers_runtime_dir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The forkserver keeps the environment of the moment it started. Have it
+    # start (if it is not running yet) under another runtime dir, as when a
+    # program sets MPROC_RUNTIME_DIR later: the child must still find us.
+    other = tempfile.mkdtemp(prefix="mp", dir="/tmp")
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("MPROC_RUNTIME_DIR", other)
+            warm = mproc.Process(target=_nothing, start_method="forkserver")
+            warm.start()
+            warm.join(30)
+            mproc.close_mailbox()  # the one starting warm opened in `other`
+        child = mproc.Process(target=_send_home, start_method="forkserver")
+        child.start()
+        msg = mproc.receive(timeout=30)
+        assert (msg.data, msg.sender_pid) == ("home", child.pid)
+        assert child.wait(30) == 0
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
