@@ -33,12 +33,11 @@ import cloudpickle
 
 from . import _transport as tr
 from ._errors import MailboxError, MailboxFull, MessageError, MprocError
-from ._log import logger
+from ._log import logger as log
 from ._receiver import HEAD, KIND_PICKLE, MP_LEN, MP_LEN64, Mailbox, Msg
 
 __all__ = ["Msg", "close_mailbox", "open_mailbox", "receive", "send"]
 
-log = logger
 
 _EMPTY_GROUP_HEAD = HEAD.pack(KIND_PICKLE, 0)
 _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()

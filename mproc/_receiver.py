@@ -30,11 +30,10 @@ from typing import Any, Optional
 
 from . import _transport as tr
 from ._errors import MailboxError, MessageError, ReceiveTimeout
-from ._log import logger
+from ._log import logger as log
 
 __all__ = ["Msg"]
 
-log = logger
 
 HEAD = struct.Struct("!BH")  # kind, length of the group name
 KIND_PICKLE = 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
-import logging
 import os
 import select
 import signal
@@ -33,13 +32,13 @@ import psutil
 from . import _mailbox
 from ._errors import ShellError, ShellTimeout
 from ._identity import ENV_PPID
+from ._log import logger as _log
 
 __all__ = ["shell", "shell_exec", "shell_run"]
 
 Env = Union[Mapping[str, str], Iterable[str], None]
 StrPath = Union[str, "os.PathLike[str]"]
 
-_log = logging.getLogger("mproc")
 _BASH = "/bin/bash"
 _SH = "/bin/sh"
 _CHUNK = 65536

@@ -78,10 +78,6 @@ _runtime_cache: dict[tuple[str, int, int], Runtime] = {}
 
 def runtime_dir() -> str:
     """Return the runtime directory this process uses now (not checked, not created)."""
-    return _runtime_dir()
-
-
-def _runtime_dir() -> str:
     explicit = os.environ.get(ENV_RUNTIME_DIR)
     if explicit:
         return os.path.abspath(explicit)
@@ -188,7 +184,7 @@ def runtime() -> Runtime:
     """
     if not hasattr(socket, "AF_UNIX"):
         raise MailboxError("the mproc mailbox needs AF_UNIX sockets, which this platform lacks")
-    directory = _runtime_dir()
+    directory = runtime_dir()
     # The longest name we make: "<pid>.<start>.sock" with 10 + 20 digits.
     longest = len(os.fsencode(directory)) + 1 + 10 + 1 + 20 + len(_SOCK_SUFFIX)
     if longest > _SUN_PATH_MAX:

@@ -211,25 +211,15 @@ def _read_exact(fd: int, timeout: float = 20) -> bytes:
         data += chunk
 
 
-def test_fork_resets_reaper() -> None:
-    sleeper = subprocess.Popen(["sleep", "30"])
-    held = _wait.watch(sleeper.pid, child_poll(sleeper), _wait.pidfd_open(sleeper.pid))
-    inherited_fd = held._pidfd
-    assert inherited_fd is not None
+def _in_fork(work: Callable[[], str]) -> str:
+    """Run ``work`` in an os.fork()ed child; return what it reported (the child is reaped)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked child
         code = 1
         try:
             os.close(r)
-            try:
-                os.fstat(inherited_fd)
-                closed = "open"
-            except OSError:
-                closed = "closed"
-            status = mproc.Command("sh", ["-c", "exit 5"]).run()
-            mproc.close_mailbox()  # os._exit() below skips atexit, which would close it
-            os.write(w, f"{closed} {status}".encode())
+            os.write(w, work().encode())
             code = 0
         finally:
             os._exit(code)
@@ -239,8 +229,27 @@ def test_fork_resets_reaper() -> None:
     finally:
         os.close(r)
         _, status = os.waitpid(pid, 0)
-    assert report == "closed 5"
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    return report
+
+
+def test_fork_resets_reaper() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    held = _wait.watch(sleeper.pid, child_poll(sleeper), _wait.pidfd_open(sleeper.pid))
+    inherited_fd = held._pidfd
+    assert inherited_fd is not None
+
+    def in_child() -> str:
+        try:
+            os.fstat(inherited_fd)
+            closed = "open"
+        except OSError:
+            closed = "closed"
+        status = mproc.Command("sh", ["-c", "exit 5"]).run()
+        mproc.close_mailbox()  # os._exit() skips atexit, which would close it
+        return f"{closed} {status}"
+
+    assert _in_fork(in_child) == "closed 5"
     # The parent's reaper is unaffected.
     sleeper.kill()
     assert held.wait(10)
@@ -269,28 +278,17 @@ def test_pidfd_open_leaves_descriptors_free_near_the_limit() -> None:
 def test_a_forked_copy_cannot_wait_for_its_parents_child() -> None:
     cmd = mproc.Command("sleep", ["30"])
     cmd.start()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        code = 1
+
+    def in_child() -> str:
         try:
-            os.close(r)
-            try:
-                cmd.wait(30)  # would wait out the timeout: the child's reaper never sees it
-                report = "waited"
-            except ValueError as err:
-                report = str(err)
-            os.write(w, report.encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
+            cmd.wait(30)  # would wait out the timeout: the child's reaper never sees it
+        except ValueError as err:
+            return str(err)
+        return "waited"
+
     try:
-        report = _read_exact(r).decode()
+        report = _in_fork(in_child)
     finally:
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
         cmd.kill()
         cmd.wait(10)
-    assert os.waitstatus_to_exitcode(status) == 0
     assert f"PID {cmd.pid}" in report and "forked" in report
