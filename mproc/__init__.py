@@ -6,15 +6,20 @@ and a PID-addressed mailbox (``send(pid, obj)`` / ``receive()``).
 """
 
 from ._command import Command as Command
+from ._errors import HandshakeError as HandshakeError
+from ._errors import MailboxClosed as MailboxClosed
 from ._errors import MailboxError as MailboxError
 from ._errors import MailboxFull as MailboxFull
+from ._errors import MailboxGone as MailboxGone
 from ._errors import MailboxNotFound as MailboxNotFound
+from ._errors import MailboxTimeout as MailboxTimeout
 from ._errors import MessageError as MessageError
 from ._errors import MprocError as MprocError
 from ._errors import NoSuchProcess as NoSuchProcess
 from ._errors import ReceiveTimeout as ReceiveTimeout
 from ._errors import ShellError as ShellError
 from ._errors import ShellTimeout as ShellTimeout
+from ._errors import UnsafeRuntimeDir as UnsafeRuntimeDir
 from ._identity import is_child as is_child
 from ._identity import pid as pid
 from ._identity import ppid as ppid
@@ -43,6 +48,11 @@ from ._signals import listen as listen
 __version__ = "0.1.0"
 
 __all__ = [
+    "HandshakeError",
+    "MailboxClosed",
+    "MailboxGone",
+    "MailboxTimeout",
+    "UnsafeRuntimeDir",
     "MailboxError",
     "MailboxFull",
     "MailboxNotFound",
@@ -79,3 +89,17 @@ __all__ = [
     "receive",
     "send",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    """Public names say ``mproc.X`` in reprs and tracebacks (trio's idea)."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("mproc._"):
+            try:
+                obj.__module__ = "mproc"
+            except (AttributeError, TypeError):
+                pass
+
+
+_fixup_module_metadata()

@@ -12,7 +12,12 @@ import subprocess
 from typing import Any, Optional, Sequence, Union
 
 __all__ = [
+    "HandshakeError",
+    "MailboxClosed",
     "MailboxError",
+    "MailboxGone",
+    "MailboxTimeout",
+    "UnsafeRuntimeDir",
     "MailboxFull",
     "MailboxNotFound",
     "MessageError",
@@ -188,7 +193,7 @@ class MailboxNotFound(MailboxError):
     """The process is alive but has no open mailbox (within the timeout)."""
 
 
-class MailboxFull(MailboxError):
+class MailboxFull(MailboxError, TimeoutError):
     """The receiver's queue for the group stayed full past the timeout."""
 
 
@@ -198,3 +203,39 @@ class MessageError(MailboxError):
 
 class ReceiveTimeout(MailboxError, TimeoutError):
     """``receive()`` found no message for the group within the timeout."""
+
+
+class MailboxClosed(MailboxError):
+    """This process closed its own mailbox (``close_mailbox()``) while it was in use."""
+
+
+class MailboxGone(MailboxError):
+    """The receiver went away in the middle of the conversation (it exited or closed)."""
+
+
+class HandshakeError(MailboxError):
+    """The peer refused the connection's authentication or spoke another protocol.
+
+    The message names the likely cause: another runtime directory or key file,
+    another user, or another mproc protocol version.
+    """
+
+
+class UnsafeRuntimeDir(MailboxError):
+    """The runtime directory is refused: a symlink, not owned by you, writable by others,
+    not a directory, or too long for an AF_UNIX socket path."""
+
+
+class MailboxTimeout(MailboxError, TimeoutError):
+    """The receiver did not answer (e.g. the handshake) within the timeout."""
+
+
+def _public_module() -> None:
+    """Make tracebacks say ``mproc.NoSuchProcess``, as psutil and trio do."""
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type):
+            obj.__module__ = "mproc"
+
+
+_public_module()
