@@ -8,10 +8,17 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Callable, Optional
 
-from . import _mailbox, _wait
-from ._errors import MprocError, describe_exitcode
-from ._process import EnvLike, PathLike, _signal_child, _Stoppable, _Stream, _watch_child
-from ._shell import _environ, _shell_path
+from . import _check, _launch, _tree, _wait
+from ._errors import MprocError, NoSuchProcess, describe_exitcode
+from ._process import (
+    EnvLike,
+    PathLike,
+    _contained_start,
+    _signal_child,
+    _Stoppable,
+    _Stream,
+    _watch_child,
+)
 
 __all__ = ["Command"]
 
@@ -64,13 +71,16 @@ class Command(_Stoppable):
             del argv[0]
         self.args: tuple[str, ...] = tuple(argv)
         self.env = env
-        _environ(env)  # validate now rather than at start()
+        _launch.check_env(env)  # validate now rather than at start()
         self.cwd = None if cwd is None else os.fspath(cwd)
         self._streams = (stdin, stdout, stderr)
         self._lock = threading.RLock()
         self._popen: Optional[subprocess.Popen[bytes]] = None
         self._watch: Optional[_wait.Watch] = None
         self._on_start: Optional[Callable[[Command], None]] = None  # set by a ProcessManager
+        # Set by a ProcessManager before start(): True/False, or None (standalone).
+        self._contain: Optional[bool] = None
+        self._element: Optional[str] = None
 
     @classmethod
     def from_shell(
@@ -99,7 +109,7 @@ class Command(_Stoppable):
             The (not yet started) Command.
         """
         return cls(
-            _shell_path(), ["-c", cmd], env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr
+            _launch.shell_path(), ["-c", cmd], env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr
         )
 
     def __repr__(self) -> str:
@@ -148,12 +158,14 @@ class Command(_Stoppable):
         with self._lock:
             if self._popen is not None:
                 return self._popen.pid
-            env = _environ(self.env)  # os.environ + MPROC_PPID=us + env (which may override it)
-            _mailbox.open_for_children()
+            p = _launch.plan(self._contain)
+            # os.environ + MPROC_PPID=us + marker + env (which may override them)
+            env = _launch.child_env(self.env, marker=None if p is None else p.chain)
             stdin, stdout, stderr = self._streams
             try:
-                popen = subprocess.Popen(
+                popen = _launch.popen(
                     [self.path, *self.args],
+                    contain=p,
                     env=env,
                     cwd=self.cwd,
                     stdin=stdin,
@@ -163,6 +175,8 @@ class Command(_Stoppable):
             except OSError as err:
                 raise _start_error(err, self.path, self.cwd) from err
             self._popen = popen
+            self._element = None if p is None else p.element
+            _contained_start(popen.pid, p)
             self._watch = _watch_child(popen.pid, self._reap)
             on_start = self._on_start
         if on_start is not None:
@@ -171,7 +185,23 @@ class Command(_Stoppable):
 
     def _reap(self) -> bool:
         with self._lock:  # signal() checks and kills under this lock: no PID reuse race
-            return self._popen is not None and self._popen.poll() is not None
+            popen = self._popen
+            if popen is None or popen.poll() is None:
+                return False
+        if self._element is not None:
+            _tree.forget(popen.pid, self._element)
+        return True
+
+    def _pin(self) -> tuple[bool, Optional[int]]:
+        """Return (alive, a new pidfd) for a tree kill; under the lock the reaper reaps under."""
+        with self._lock:
+            popen = self._popen
+            if popen is None or popen.poll() is not None:
+                return False, None
+            try:
+                return True, _wait.pidfd_open(popen.pid)
+            except NoSuchProcess:
+                return False, None
 
     def _started(self) -> tuple[subprocess.Popen[bytes], _wait.Watch]:
         popen, w = self._popen, self._watch
@@ -219,8 +249,10 @@ class Command(_Stoppable):
             The exit code (negative: killed by that signal), ``None`` on timeout.
 
         Raises:
+            TypeError, ValueError: ``timeout`` is malformed.
             ValueError: not started.
         """
+        timeout = _check.timeout(timeout, "Command.wait")
         _, w = self._started()
         if not w.wait(timeout):
             return None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal as _signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
 
-from . import _mailbox
+from . import _check, _mailbox, _tree
 from ._command import Command
 from ._errors import MprocError, NoSuchProcess
 from ._log import logger
@@ -31,6 +33,53 @@ def _failure(action: str, failures: dict[int, BaseException]) -> MprocError:
     return MprocError(f"{action} failed for {len(failures)} process(es): {listed}", errors=failures)
 
 
+class _Pinned:
+    """A held process as the root of a tree kill: its pidfd, group and marker."""
+
+    def __init__(self, pid: int, handle: ProcessHandle) -> None:
+        self.pid, self.handle = pid, handle
+        pin = getattr(handle, "_pin", None)
+        alive, self.fd = pin() if pin is not None else (False, None)
+        self.marker = _marker(handle)
+        if self.marker is not None:
+            self.group = _new_group(handle)
+        else:  # an adopted process: its group is part of its tree if it leads one
+            self.group = alive and _pgid(pid) == pid
+        self.alive = alive
+
+    def root(self) -> _tree.Root:
+        alive = self.alive and not _closed(self.handle) and self.handle.is_alive()
+        return _tree.Root(self.pid, self.fd, alive, self.group, self.marker)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _marker(handle: ProcessHandle) -> Optional[str]:
+    if isinstance(handle, Command):
+        return handle._element
+    if isinstance(handle, Process):
+        p = handle.__dict__.get("_mproc_plan")
+        return None if p is None else p.element
+    return None
+
+
+def _new_group(handle: ProcessHandle) -> bool:
+    p = handle._mproc_plan if isinstance(handle, Process) else None
+    if isinstance(handle, Command):
+        return handle._element is not None  # a manager's contained Command leads a group
+    return p is not None and p.new_group
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
+
+
 class ProcessManager:
     """Holds processes of any kind and kills, signals and waits for them all.
 
@@ -38,14 +87,32 @@ class ProcessManager:
     its exit code) until :meth:`remove_process` or :meth:`clear`; killing it
     through the manager (:meth:`kill`, :meth:`kill_all`) removes it, as gproc
     does. As a context manager, leaving the block runs :meth:`terminate_all`.
+
+    **Containment** (``contain=True``, the default): a process the manager
+    starts leads a process group of its own, carries a containment marker
+    in its environment (inherited by everything it runs), and dies when this
+    process dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``). Stopping it
+    through the manager (:meth:`kill`, :meth:`kill_all`,
+    :meth:`terminate_all`, leaving the ``with`` block) stops its whole tree
+    (see :func:`mproc.kill_tree`). Adopted PIDs are signalled alone unless
+    ``tree=True`` is given.
+
+    Args:
+        contain: ``False`` for a program that means to leave daemons behind:
+            children are started as plain ``multiprocessing``/``subprocess``
+            children and signalled alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, contain: bool = True) -> None:
+        if not isinstance(contain, bool):
+            raise TypeError(f"ProcessManager(): contain must be True or False, got {contain!r}")
+        self._contain = contain
         self._lock = threading.RLock()
         self._procs: dict[int, ProcessHandle] = {}
 
     def __repr__(self) -> str:
-        return f"<ProcessManager {len(self)} process(es)>"
+        how = "" if self._contain else " contain=False"
+        return f"<ProcessManager {len(self)} process(es){how}>"
 
     def __enter__(self) -> ProcessManager:
         return self
@@ -105,6 +172,7 @@ class ProcessManager:
         """
         cmd = Command(path, args, env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr)
         cmd._on_start = self._joined
+        cmd._contain = self._contain
         return cmd
 
     def start(self, proc: Union[Process, Command, AdoptedProcess]) -> int:
@@ -126,7 +194,12 @@ class ProcessManager:
             raise TypeError(
                 f"cannot manage {given!r}{hint}: need a Process, Command or adopted PID"
             )
-        if isinstance(proc, Command) or (isinstance(proc, Process) and proc.pid is None):
+        if isinstance(proc, Command):
+            if proc.pid is None:
+                proc._contain = self._contain
+            proc.start()
+        elif isinstance(proc, Process) and proc.pid is None:
+            proc._mproc_contain = self._contain
             proc.start()
         return self._add(proc)
 
@@ -142,9 +215,11 @@ class ProcessManager:
 
         Raises:
             NoSuchProcess: ``pid`` does not exist.
+            MprocError: no file descriptor is free to pin it (see :class:`AdoptedProcess`).
             TypeError: ``pid`` is not an int.
-            ValueError: ``pid`` is not positive.
+            ValueError: ``pid`` is not positive, or is this process or its parent.
         """
+        _check.pid(pid, "add_process")
         with self._lock:
             old = self._procs.get(pid)
             if old is not None and old.is_alive():
@@ -226,7 +301,9 @@ class ProcessManager:
         self._lookup(pid).signal(sig)
 
     def kill(self, pid: int, timeout: Optional[float] = _KILL_WAIT) -> Optional[int]:
-        """SIGKILL one held process, wait for it and remove it (gproc's ``KillProcess``).
+        """SIGKILL one held process (its tree, if contained), wait for it and remove it.
+
+        gproc's ``KillProcess``.
 
         Args:
             pid: the process.
@@ -237,9 +314,14 @@ class ProcessManager:
 
         Raises:
             NoSuchProcess: this manager does not hold ``pid``.
+            TypeError, ValueError: an argument is malformed.
         """
-        handle = self._lookup(pid)
-        handle.kill()
+        timeout = _check.timeout(timeout, "ProcessManager.kill")
+        handle = self._lookup(_check.pid(pid, "ProcessManager.kill"))
+        if _marker(handle) is not None:
+            self._kill_trees([(pid, handle)], _signal.SIGKILL, timeout)
+        else:
+            handle.kill()
         code = handle.wait(timeout)
         self._forget(pid, handle)
         return code
@@ -283,6 +365,7 @@ class ProcessManager:
             ``{pid: exit code}``; the code is ``None`` for a process still
             running at the deadline, and for an adopted one.
         """
+        timeout = _check.timeout(timeout, "wait_all")
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._wait_handles(self._held(), deadline)
 
@@ -307,16 +390,71 @@ class ProcessManager:
         Raises:
             MprocError: sending failed for some processes (after trying all);
                 the message lists each PID and its error, ``errors`` maps them.
+            TypeError, ValueError: ``sig`` is not a valid signal number.
         """
+        if not (type(sig) is int and sig == 0):  # 0 only checks that they exist
+            sig = _check.signum(sig, "signal_all")
         _, failures = self._signal_each(self._held(), lambda h: h.signal(sig))
         if failures:
             raise _failure(f"signal_all({_signal_name(sig)})", failures)
 
-    def kill_all(self, timeout: Optional[float] = _KILL_WAIT) -> dict[int, Optional[int]]:
+    def _trees(
+        self, held: list[tuple[int, ProcessHandle]], tree: bool
+    ) -> tuple[list[tuple[int, ProcessHandle]], list[tuple[int, ProcessHandle]]]:
+        """Split ``held`` into (roots of tree kills, processes signalled alone)."""
+        trees, alone = [], []
+        for pid, h in held:
+            if _closed(h):
+                alone.append((pid, h))
+            elif _marker(h) is not None or (tree and isinstance(h, AdoptedProcess)):
+                trees.append((pid, h))
+            else:
+                alone.append((pid, h))
+        return trees, alone
+
+    def _pin(self, trees: list[tuple[int, ProcessHandle]]) -> list[_Pinned]:
+        pinned: list[_Pinned] = []
+        try:
+            for pid, h in trees:
+                pinned.append(_Pinned(pid, h))
+        except BaseException:
+            for p in pinned:
+                p.close()
+            raise
+        return pinned
+
+    def _kill_trees(
+        self,
+        trees: list[tuple[int, ProcessHandle]],
+        sig: int,
+        timeout: Optional[float],
+        pinned: Optional[list[_Pinned]] = None,
+    ) -> list[int]:
+        """Freeze and signal the trees of ``trees`` in one search; return the PIDs signalled."""
+        own = pinned is None
+        pins = self._pin(trees) if pinned is None else pinned
+        try:
+            if not pins:
+                return []
+            # Handles reap their own processes: their statuses are theirs.
+            keep = {pid for pid, _ in self._held()}
+            return _tree.kill_trees([p.root() for p in pins], sig, timeout=timeout, keep=keep)
+        finally:
+            if own:
+                for p in pins:
+                    p.close()
+
+    def kill_all(
+        self, timeout: Optional[float] = _KILL_WAIT, *, tree: bool = False
+    ) -> dict[int, Optional[int]]:
         """SIGKILL every held process, wait for them, and remove them (as gproc's ``KillAll``).
+
+        A contained process is killed with its whole tree (see
+        :func:`mproc.kill_tree`); an adopted one alone, unless ``tree``.
 
         Args:
             timeout: how long to wait for all of them to die at most.
+            tree: also kill the trees of adopted processes.
 
         Returns:
             ``{pid: exit code}`` of the processes killed (``None`` for adopted
@@ -325,9 +463,16 @@ class ProcessManager:
         Raises:
             MprocError: killing failed for some processes (after trying all);
                 they stay listed; the message lists each PID and its error.
+            TypeError, ValueError: an argument is malformed.
         """
+        timeout = _check.timeout(timeout, "kill_all")
         held = self._held()
-        _, failures = self._signal_each(held, lambda h: h.kill())
+        trees, alone = self._trees(held, tree)
+        _, failures = self._signal_each(alone, lambda h: h.kill())
+        try:
+            self._kill_trees(trees, _signal.SIGKILL, timeout)
+        except Exception as err:  # e.g. /proc unreadable: say so for each of them
+            failures.update((pid, err) for pid, _ in trees)
         deadline = None if timeout is None else time.monotonic() + timeout
         killed = [(pid, h) for pid, h in held if pid not in failures]
         codes = self._wait_handles(killed, deadline)
@@ -337,11 +482,21 @@ class ProcessManager:
             raise _failure("kill_all()", failures)
         return codes
 
-    def terminate_all(self, timeout: Optional[float] = 5.0) -> dict[int, Optional[int]]:
+    def terminate_all(
+        self, timeout: Optional[float] = 5.0, *, tree: bool = False
+    ) -> dict[int, Optional[int]]:
         """SIGTERM every held process, wait, then SIGKILL (with a warning) those still alive.
+
+        A contained process is stopped with its whole tree: every member gets
+        SIGTERM, and after ``timeout`` whatever is left of the tree (the
+        process itself, or descendants that outlived it) gets SIGKILL. An
+        adopted process is signalled alone, unless ``tree``. The escalation
+        to SIGKILL of a held process is logged and issues a
+        :class:`RuntimeWarning` (as trio does): it usually means a bug.
 
         Args:
             timeout: how long to wait after SIGTERM before SIGKILL.
+            tree: also stop the trees of adopted processes.
 
         Returns:
             ``{pid: exit code}`` (``None`` for adopted processes, and for any
@@ -350,20 +505,55 @@ class ProcessManager:
         Raises:
             MprocError: signalling failed for some processes (after trying
                 all); the message lists each PID and its error.
+            TypeError, ValueError: an argument is malformed.
         """
+        timeout = _check.timeout(timeout, "terminate_all")
         held = self._held()
-        signalled, failures = self._signal_each(held, lambda h: h.terminate())
+        trees, alone = self._trees(held, tree)
+        pins = self._pin(trees)
+        try:
+            return self._terminate(held, trees, alone, pins, timeout)
+        finally:
+            for p in pins:
+                p.close()
+
+    def _terminate(
+        self,
+        held: list[tuple[int, ProcessHandle]],
+        trees: list[tuple[int, ProcessHandle]],
+        alone: list[tuple[int, ProcessHandle]],
+        pins: list[_Pinned],
+        timeout: Optional[float],
+    ) -> dict[int, Optional[int]]:
+        signalled, failures = self._signal_each(alone, lambda h: h.terminate())
+        try:
+            self._kill_trees(trees, _signal.SIGTERM, 0, pins)
+        except Exception as err:
+            failures.update((pid, err) for pid, _ in trees)
+        signalled += [t for t in trees if t[0] not in failures]
         deadline = None if timeout is None else time.monotonic() + timeout
         codes = self._wait_handles(signalled, deadline)
         stubborn = [(pid, h) for pid, h in signalled if not _closed(h) and h.is_alive()]
         if stubborn:
+            listed = ", ".join(f"PID {pid}" for pid, _ in stubborn)
             logger.warning(
-                "processes still alive %s s after SIGTERM, sending SIGKILL: %s",
-                timeout,
-                ", ".join(f"PID {pid}" for pid, _ in stubborn),
+                "processes still alive %s s after SIGTERM, sending SIGKILL: %s", timeout, listed
             )
-            _, more = self._signal_each(stubborn, lambda h: h.kill())
-            failures.update(more)
+            warnings.warn(
+                f"terminate_all(): {len(stubborn)} process(es) still alive {timeout} s after "
+                f"SIGTERM, sent SIGKILL: {listed}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _, more = self._signal_each([t for t in stubborn if t not in trees], lambda h: h.kill())
+        failures.update(more)
+        # Every tree, whether its root is alive or not: descendants that
+        # outlived their root (or ignored SIGTERM) go now.
+        try:
+            self._kill_trees(trees, _signal.SIGKILL, _KILL_WAIT, pins)
+        except Exception as err:
+            failures.update((pid, err) for pid, _ in trees)
+        if stubborn:
             codes.update(self._wait_handles(stubborn, time.monotonic() + _KILL_WAIT))
         if failures:
             raise _failure("terminate_all()", failures)

@@ -14,6 +14,7 @@ import os
 import pickle
 import signal as _signal
 import threading
+import weakref
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from multiprocessing.context import BaseContext
@@ -23,15 +24,14 @@ from typing import IO, Any, Callable, ClassVar, Optional, Protocol, Union, runti
 import cloudpickle
 import psutil
 
-from . import _mailbox, _transport, _wait
+from . import _check, _launch, _mailbox, _runtime, _tree, _wait
 from ._errors import MprocError, NoSuchProcess, describe_exitcode
 from ._identity import ENV_PPID
-from ._shell import Env
 
 __all__ = ["AdoptedProcess", "EnvLike", "Process", "ProcessHandle"]
 
 #: What ``env=`` accepts: a mapping, or gproc's list of ``"KEY=VALUE"`` strings.
-EnvLike = Env
+EnvLike = _launch.Env
 _Stream = Union[None, int, IO[Any]]
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -74,13 +74,19 @@ def _exited() -> bool:
     return True
 
 
-def _check_pid(pid: object) -> int:
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise TypeError(f"a PID must be an int, got {type(pid).__name__}: {pid!r}")
-    if pid <= 0:
-        # os.kill(0 or -1, ...) would signal a whole process group, or everyone.
-        raise ValueError(f"a PID must be > 0, got {pid}")
-    return pid
+def _contained_start(pid: int, p: Optional[_launch.Plan]) -> None:
+    """Parent-side bookkeeping of a contained child, right after it started."""
+    if p is None:
+        return
+    if p.new_group:
+        # The child makes itself a group leader too; doing it here as well
+        # closes the window in which a tree kill would not see the group.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # already exec'd (EACCES), or not our child (forkserver): the child did it
+    if p.element is not None:
+        _tree.remember(pid, p.element)
 
 
 def _watch_child(pid: int, poll: Callable[[], bool]) -> _wait.Watch:
@@ -182,6 +188,24 @@ def _dumps(obj: object) -> bytes:
 _LOCAL_ATTRS = frozenset({"_mproc_lock", "_mproc_watch", "_popen"})
 
 
+def _locked_poll(popen: Any, lock: Any) -> Callable[[int], Optional[int]]:
+    # A weak reference: the replacement poll is stored on the popen, and a
+    # strong one would make a cycle that keeps the popen (and its two pipe
+    # fds) alive until the cyclic GC runs.
+    ref = weakref.ref(popen)
+    unlocked = type(popen).poll
+
+    def poll(flag: int = os.WNOHANG) -> Optional[int]:
+        target = ref()
+        if target is None:
+            return None
+        with lock:
+            result: Optional[int] = unlocked(target, flag)
+            return result
+
+    return poll
+
+
 def _rebuild_process(blob: bytes) -> Process:
     cls, state = cloudpickle.loads(blob)
     obj: Process = cls.__new__(cls)
@@ -243,6 +267,10 @@ class Process(_Stoppable, multiprocessing.Process):
         self._mproc_method = _method_name(start_method)
         self._mproc_launcher = 0
         self._mproc_runtime_dir = ""
+        # Set by a ProcessManager before start(): True/False, or None (standalone).
+        self._mproc_contain: Optional[bool] = None
+        self._mproc_plan: Optional[_launch.Plan] = None
+        self._mproc_parent = 0  # who must be the child's parent when its death signal is armed
         self._mproc_lock = threading.RLock()
         self._mproc_watch: Optional[_wait.Watch] = None
 
@@ -259,15 +287,7 @@ class Process(_Stoppable, multiprocessing.Process):
         # children from whatever thread; racing the reaper, two polls of a
         # forkserver child can both read its status pipe (one gets EOF and
         # reports 255), and two waitpid()s lose a status. Serialise them.
-        unlocked = popen.poll
-        lock = self._mproc_lock
-
-        def poll(flag: int = os.WNOHANG) -> Optional[int]:
-            with lock:
-                result: Optional[int] = unlocked(flag)
-                return result
-
-        popen.poll = poll
+        popen.poll = _locked_poll(popen, self._mproc_lock)
         return popen
 
     def _bootstrap(self, *args: Any, **kwargs: Any) -> int:
@@ -278,7 +298,13 @@ class Process(_Stoppable, multiprocessing.Process):
         # directory too: the child must find its launcher's mailbox.
         if self._mproc_launcher:
             os.environ[ENV_PPID] = str(self._mproc_launcher)
-            os.environ[_transport.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
+            os.environ[_runtime.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
+        p = self._mproc_plan
+        if p is not None:
+            # The chain goes into os.environ, so every program this child
+            # runs carries it in /proc/<pid>/environ (see mproc._launch).
+            os.environ[_launch.ENV_CONTAIN] = p.chain
+            _launch.child_setup(p, self._mproc_parent)
         try:
             code: int = super()._bootstrap(*args, **kwargs)  # type: ignore[misc]
         finally:
@@ -294,11 +320,63 @@ class Process(_Stoppable, multiprocessing.Process):
             AssertionError: started twice, as :meth:`multiprocessing.Process.start`.
         """
         self._mproc_launcher = os.getpid()
-        self._mproc_runtime_dir = _transport.runtime_dir()
-        _mailbox.open_for_children()
-        super().start()
+        self._mproc_runtime_dir = _runtime.runtime_dir()
+        p = self._mproc_plan = _launch.plan(self._mproc_contain)
+        _launch.open_mailbox()
+        if p is not None and p.death_signal:
+            self._mproc_parent = self._expected_parent()
+            # Forked by the long-lived launcher thread: PR_SET_PDEATHSIG
+            # fires when the forking *thread* exits (see mproc._launch).
+            _launch.on_launcher_thread(super().start)
+        else:
+            super().start()
         popen = self.__dict__["_popen"]
-        self._mproc_watch = _watch_child(popen.pid, lambda: popen.poll() is not None)
+        _contained_start(popen.pid, p)
+        element = None if p is None else p.element
+        ref = weakref.ref(popen)
+
+        def reaped() -> bool:
+            target = ref()
+            if target is not None and target.poll() is None:
+                return False
+            if element is not None:
+                _tree.forget(popen_pid, element)
+            return True
+
+        popen_pid = popen.pid
+        self._mproc_watch = _watch_child(popen_pid, reaped)
+
+    def _expected_parent(self) -> int:
+        """Return the PID that forks our child: us, or the forkserver."""
+        method = self._mproc_method or multiprocessing.get_start_method()
+        if method != "forkserver":
+            return os.getpid()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+        # Private but stable from 3.9 to 3.13; the forkserver exits when we
+        # do (its "alive" pipe closes), and its children's death signal then fires.
+        return int(getattr(forkserver, "_forkserver")._forkserver_pid)  # noqa: B009
+
+    def _pin(self) -> tuple[bool, Optional[int]]:
+        """Return (alive, a new pidfd) for a tree kill; under the lock the reaper reaps under."""
+        popen = self.__dict__.get("_popen")
+        if popen is None:
+            return False, None
+        with self._mproc_lock:
+            if popen.poll() is not None:
+                return False, None
+            try:
+                return True, _wait.pidfd_open(popen.pid)
+            except NoSuchProcess:
+                return False, None
+
+    def _release(self) -> None:
+        # The exit is collected: close the two pipe fds multiprocessing keeps
+        # for the sentinel until the Process is garbage or close()d.
+        popen = self.__dict__.get("_popen")
+        if popen is not None and popen.returncode is not None:
+            popen.close()
 
     def _started(self) -> tuple[Any, _wait.Watch]:
         if self.__dict__.get("_closed"):
@@ -320,6 +398,8 @@ class Process(_Stoppable, multiprocessing.Process):
                 return
             timeout = 0  # the status is collected: super() only does the bookkeeping
         super().join(timeout)
+        if self.__dict__.get("_parent_pid") == os.getpid():
+            self._release()
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Wait for the child to exit and return its exit code.
@@ -331,8 +411,10 @@ class Process(_Stoppable, multiprocessing.Process):
             The exit code (negative: killed by that signal), ``None`` on timeout.
 
         Raises:
+            TypeError, ValueError: ``timeout`` is malformed.
             ValueError: the process has not been started.
         """
+        timeout = _check.timeout(timeout, "Process.wait")
         self._started()
         self.join(timeout)
         return self.exitcode
@@ -358,10 +440,15 @@ class AdoptedProcess(_Stoppable):
     """A handle on a process this program did not start (``ProcessManager.add_process``).
 
     Its identity is ``(pid, create_time)``: it never signals another process
-    that later reuses the PID (a pidfd pins it; without one, the creation
-    time is checked right before ``os.kill``). Its exit status is not ours:
-    :meth:`wait` returns ``None`` and :attr:`exitcode` is always ``None``;
-    it is never reaped by mproc, even if it is our child.
+    that later reuses the PID. On Linux a pidfd pins it for the handle's
+    whole life (the reaper never gives it up for lack of descriptors; if no
+    descriptor is free at all, adopting fails instead). Where the system has
+    no pidfds (macOS, Linux < 5.3) the creation time is checked right
+    before ``os.kill``: a PID reused between that check and the kill, within
+    one tick of the creation-time clock, could still be hit (psutil has the
+    same window). Its exit status is not ours: :meth:`wait` returns ``None``
+    and :attr:`exitcode` is always ``None``; it is never reaped by mproc,
+    even if it is our child.
 
     Args:
         pid: the process to adopt.
@@ -369,13 +456,33 @@ class AdoptedProcess(_Stoppable):
     Raises:
         NoSuchProcess: ``pid`` does not exist.
         PermissionError: the process's creation time cannot be read.
+        MprocError: no file descriptor is free for its pidfd (the message
+            says how to raise the limit).
         TypeError: ``pid`` is not an int.
-        ValueError: ``pid`` is not positive.
+        ValueError: ``pid`` is not positive, or is this process or its parent
+            (a later ``kill_all()`` would kill the caller).
     """
 
     def __init__(self, pid: int) -> None:
-        self._pid = _check_pid(pid)
-        fd = _wait.pidfd_open(pid)  # first: from now on this process cannot be mistaken
+        self._pid = _check.pid(pid, "add_process")
+        if pid in (os.getpid(), os.getppid()):
+            who = "this process" if pid == os.getpid() else "the parent of this process"
+            raise ValueError(
+                f"add_process(): PID {pid} is {who}; adopting it would let kill_all() "
+                "or terminate_all() kill the caller"
+            )
+        try:
+            # First: from now on this process cannot be mistaken.
+            fd = _wait.pidfd_open(pid, keep=True)
+        except NoSuchProcess:
+            raise
+        except OSError as err:
+            raise MprocError(
+                f"cannot adopt PID {pid}: no file descriptor is free for its pidfd "
+                f"({err.strerror}); close some or raise RLIMIT_NOFILE (ulimit -n)",
+                pid=pid,
+            ) from err
+        self._pinned = fd is not None
         try:
             self._create_time = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess as err:
@@ -397,6 +504,15 @@ class AdoptedProcess(_Stoppable):
         # The reaper asks a pidfd-watched process only once its pidfd fired,
         # and a pidfd pins its process: it has exited, no /proc read needed.
         self._watch = _wait.watch(pid, _exited if fd is not None else self._gone, fd)
+
+    def _pin(self) -> tuple[bool, Optional[int]]:
+        """Return (alive, a new pidfd) for a tree kill."""
+        if not self.is_alive():
+            return False, None
+        fd = self._watch.dup_pidfd()
+        if fd is None and self._pinned:
+            return False, None  # its pidfd was closed: it exited
+        return True, fd
 
     def __repr__(self) -> str:
         return f"<AdoptedProcess pid={self._pid} {'running' if self.is_alive() else 'gone'}>"
@@ -443,7 +559,7 @@ class AdoptedProcess(_Stoppable):
         Returns:
             ``None`` always: on timeout, and because the status is not ours.
         """
-        self._watch.wait(timeout)
+        self._watch.wait(_check.timeout(timeout, "AdoptedProcess.wait"))
         return None
 
     def signal(self, sig: int) -> None:
@@ -462,6 +578,13 @@ class AdoptedProcess(_Stoppable):
             )
         if self._watch.send_signal(sig):
             return
+        if self._pinned:
+            # The pidfd was closed because the exit was seen: the PID may be
+            # another process's already, so os.kill is out of the question.
+            raise NoSuchProcess(
+                f"adopted process PID {self._pid} has exited (the PID may be another's now)",
+                pid=self._pid,
+            )
         try:
             os.kill(self._pid, sig)
         except ProcessLookupError as err:

@@ -1,16 +1,18 @@
 """Run shell command lines: :func:`shell_exec`, :func:`shell_run`, :func:`shell` (SPEC §2).
 
 A command runs as ``/bin/bash -c CMD`` (``/bin/sh -c CMD`` where bash is
-missing) with ``MPROC_PPID`` set to this process's PID.
+missing), started by :mod:`mproc._launch` like every child of mproc.
 
 Without a timeout the command stays in our process group, so Ctrl-C in the
 terminal reaches it as it reaches us. With a timeout it gets its own session
-and process group, because that is the only handle on *everything* it starts
-(``sleep 100 | cat``: bash, sleep and cat): on timeout the whole group is
-killed, and Ctrl-C (KeyboardInterrupt) while waiting kills it too. Background
-jobs that keep the output pipe open are part of the command: they are waited
-for, and killed with the group on timeout. Killed processes that were
-re-parented to us (we may be a child subreaper, as supervisors are) are reaped.
+and process group and a containment marker of its own: on timeout its whole
+tree is frozen and killed (:mod:`mproc._tree`): the group (``sleep 100 |
+cat``), and the descendants that left it (``setsid``, ``setsid -f``, double
+forks, ``nohup … &``) by their marker. Ctrl-C (KeyboardInterrupt) while
+waiting kills the tree too. Background jobs that keep the output pipe open
+are part of the command: they are waited for, and killed on timeout. Killed
+processes that were re-parented to us (we may be a child subreaper, as
+supervisors are) are reaped.
 """
 
 from __future__ import annotations
@@ -24,26 +26,24 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping
 from typing import IO, Any, Optional, Union
 
-import psutil
-
-from . import _mailbox
+from . import _check, _launch, _tree
 from ._errors import ShellError, ShellTimeout
-from ._identity import ENV_PPID
+from ._launch import Env
 from ._log import logger as _log
 
 __all__ = ["shell", "shell_exec", "shell_run"]
 
-Env = Union[Mapping[str, str], Iterable[str], None]
 StrPath = Union[str, "os.PathLike[str]"]
 
-_BASH = "/bin/bash"
-_SH = "/bin/sh"
 _CHUNK = 65536
-# After SIGKILL: how long the killed processes get to vanish and pipes to close.
+# After SIGKILL: how long the killed processes get to vanish (bounded, not expected).
 _REAP_TIMEOUT = 5.0
+# After the tree is killed every writer of the output pipe is dead, so the
+# rest of the output is there at once; only a process that escaped the tree
+# (it cleared its environment and left the group) could hold the pipe open.
+_DRAIN_AFTER_KILL = 0.5
 # Ctrl-C without a timeout also reached the command; give it the time
 # subprocess.run gives it to exit on its own before it is killed.
 _SIGINT_GRACE = 0.25
@@ -55,43 +55,8 @@ _CAPTURE: dict[str, Any] = {
 
 
 def _shell_path() -> str:
-    """Return the shell that runs command lines: ``/bin/bash``, else ``/bin/sh``."""
-    return _BASH if os.access(_BASH, os.X_OK) else _SH
-
-
-def _environ(env: Env) -> dict[str, str]:
-    result = dict(os.environ)
-    # Set first, so a caller who means to override MPROC_PPID can.
-    result[ENV_PPID] = str(os.getpid())
-    if env is None:
-        return result
-    if isinstance(env, Mapping):
-        items: Iterable[tuple[object, object]] = env.items()
-    elif isinstance(env, (str, bytes)) or not isinstance(env, Iterable):
-        raise TypeError(
-            f"env must be a mapping or a list of 'KEY=VALUE' strings, not {type(env).__name__}"
-        )
-    else:
-        items = (_split_entry(entry) for entry in env)
-    for key, value in items:
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"env entry {key!r}: {value!r} must map a str to a str")
-        if not key or "=" in key or "\0" in key + value:
-            raise ValueError(
-                f"env entry {key!r}: {value!r}: the name must be non-empty without "
-                "'=' and neither may contain NUL"
-            )
-        result[key] = value
-    return result
-
-
-def _split_entry(entry: object) -> tuple[str, str]:
-    if not isinstance(entry, str):
-        raise TypeError(f"env entry {entry!r} is not a 'KEY=VALUE' string")
-    key, sep, value = entry.partition("=")
-    if not sep or not key:
-        raise ValueError(f"env entry {entry!r} is not of the form 'KEY=VALUE'")
-    return key, value
+    """Return the shell that runs command lines (see :func:`mproc._launch.shell_path`)."""
+    return _launch.shell_path()
 
 
 def _fileno(stream: Any) -> Optional[int]:
@@ -121,16 +86,21 @@ class _Child:
     ) -> None:
         if not isinstance(cmd, str):
             raise TypeError(f"cmd must be a str (a shell command line), not {type(cmd).__name__}")
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be None or seconds, not {type(timeout).__name__}")
-            if not timeout >= 0:  # also NaN
-                raise ValueError(f"timeout must be None or seconds >= 0, not {timeout!r}")
+        timeout = _check.timeout(timeout, "shell")
         self.cmd, self.timeout, self.group = cmd, timeout, timeout is not None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._cwd = cwd
-        self._popen = dict(popen, env=_environ(env), cwd=cwd, start_new_session=self.group)
-        self._killed: Optional[list[psutil.Process]] = None
+        # With a timeout, a marker of its own finds what leaves the session.
+        self._plan = _launch.plan_shell(marked=self.group)
+        marker = None if self._plan is None else self._plan.chain
+        self._popen = dict(
+            popen,
+            env=_launch.child_env(env, marker=marker),
+            cwd=cwd,
+            start_new_session=self.group,
+            preexec_fn=_launch.preexec(self._plan),
+        )
+        self._killed = False
         self.pumps = _Pumps() if pump else None
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
@@ -138,16 +108,14 @@ class _Child:
         self.proc: subprocess.Popen[bytes] = subprocess.Popen.__new__(subprocess.Popen)
 
     def __enter__(self) -> _Child:
-        # Popen() runs in a helper thread because Python runs signal handlers
-        # only in the main thread: a Ctrl-C cannot land between the fork and
-        # Popen() storing the PID, which would orphan the command.
-        _mailbox.open_for_children()
-        starter = threading.Thread(target=self._start, name="mproc-shell-start", daemon=True)
+        # Popen() runs on the launcher thread: Python runs signal handlers
+        # only in the main thread, so a Ctrl-C cannot land between the fork
+        # and Popen() storing the PID, which would orphan the command; and a
+        # death signal is tied to that long-lived thread (see mproc._launch).
+        _launch.open_mailbox()
         try:
-            starter.start()
-            self._started.wait()
-        except BaseException as exc:
-            self._started.wait(_REAP_TIMEOUT)  # let it finish: then we know what to kill
+            _launch.on_launcher_thread(self._start)
+        except BaseException as exc:  # the launch finished: we know what to kill
             self.__exit__(type(exc), exc, None)
             raise
         err = self._start_error
@@ -198,7 +166,7 @@ class _Child:
         """Kill everything and return the exception to raise (the timeout is ``not None``)."""
         self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(_REAP_TIMEOUT)
+            self.proc.wait(_REAP_TIMEOUT)  # SIGKILLed and not reaped yet: a matter of ms
         code = self.proc.returncode if self.proc.returncode is not None else -signal.SIGKILL
         return ShellTimeout(
             self.cmd, self.timeout or 0.0, output=output, pid=self.proc.pid, returncode=code
@@ -209,23 +177,24 @@ class _Child:
             raise ShellError(self.proc.returncode, self.cmd, output=output, pid=self.proc.pid)
 
     def kill(self) -> None:
-        """SIGKILL the shell and everything it started (idempotent)."""
-        if self._killed is not None or (self.proc.returncode is not None and not self.group):
+        """SIGKILL the shell and everything it started (idempotent).
+
+        With a timeout that is the shell's tree: its session's group and
+        every process carrying its marker. Without one (Ctrl-C, an error),
+        the shell and its descendants.
+        """
+        if self._killed or (self.proc.returncode is not None and not self.group):
             return
-        self._killed = []
-        pgid = self.proc.pid
-        try:
-            if self.group:
-                # A stopped process cannot fork one we would miss in the snapshot.
-                _killpg(pgid, signal.SIGSTOP)
-            self._killed = _family(self.proc, self.group)
-        finally:
-            if self.group:
-                _killpg(pgid, signal.SIGKILL)
-            self.proc.kill()  # first, so it reports no killed jobs; a no-op once reaped
-            for p in self._killed:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
+        self._killed = True
+        p = self._plan
+        # The shell is unreaped until _reap(): its PID (and group) cannot be reused.
+        root = _tree.Root(
+            self.proc.pid,
+            alive=self.proc.returncode is None,
+            group=self.group,
+            marker=None if p is None or not self.group else p.element,
+        )
+        _tree.kill_trees([root], signal.SIGKILL, timeout=_REAP_TIMEOUT, keep=(self.proc.pid,))
 
     def _reap(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -235,8 +204,6 @@ class _Child:
             self.proc.wait(_REAP_TIMEOUT)
         except subprocess.TimeoutExpired:
             _log.warning("PID %d of %r survived SIGKILL", self.proc.pid, self.cmd)
-        if self._killed:
-            _reap_adopted(self._killed, self.proc.pid, time.monotonic() + _REAP_TIMEOUT)
 
 
 def _unstick(proc: subprocess.Popen[bytes]) -> None:
@@ -246,58 +213,6 @@ def _unstick(proc: subprocess.Popen[bytes]) -> None:
     lock = getattr(proc, "_waitpid_lock", None)
     if lock is not None and lock.locked():
         lock.release()
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):  # all gone, or setuid members: not ours
-        pass
-
-
-def _family(proc: subprocess.Popen[bytes], group: bool) -> list[psutil.Process]:
-    """Return the shell's descendants and, with a group, its members re-parented to us."""
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.Error):
-        found.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
-    if group:
-        # Orphans of the command come to us when we are a child subreaper
-        # (prctl PR_SET_CHILD_SUBREAPER); nobody else would reap them.
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process().children(recursive=True):
-                with contextlib.suppress(OSError):
-                    if p.pid != proc.pid and os.getpgid(p.pid) == proc.pid:
-                        found[p.pid] = p
-    return list(found.values())
-
-
-def _reap_adopted(procs: list[psutil.Process], shell_pid: int, deadline: float) -> None:
-    """Reap the killed processes that became our children; leave the others to their parent."""
-    me = os.getpid()
-    pending = list(procs)
-    while pending:
-        parents = {p.pid for p in pending} | {shell_pid}
-        waiting = []
-        for p in pending:
-            try:
-                if not p.is_running():  # gone, or its PID names another process now
-                    continue
-                parent = p.ppid()
-            except psutil.Error:
-                continue
-            if parent == me:
-                try:
-                    if os.waitpid(p.pid, os.WNOHANG)[0]:
-                        continue
-                except ChildProcessError:
-                    continue
-            elif parent not in parents:  # init's or another reaper's to reap
-                continue
-            waiting.append(p)
-        pending = waiting
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)  # SIGKILLed processes die within a few ms; no event to wait on
 
 
 class _Pumps:
@@ -448,9 +363,9 @@ def shell_exec(
             out, _ = child.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as err:
             child.kill()
-            try:  # the group is dead: the pipe closes, the rest of the output comes
-                out, _ = child.proc.communicate(timeout=_REAP_TIMEOUT)
-            except subprocess.TimeoutExpired as again:  # a descendant left the group
+            try:  # the tree is dead: the pipe closes, the rest of the output comes
+                out, _ = child.proc.communicate(timeout=_DRAIN_AFTER_KILL)
+            except subprocess.TimeoutExpired as again:  # a holder escaped the tree
                 out = again.output or err.output
             raise child.expired(_decode(out)) from None
     text = _decode(out)

@@ -45,21 +45,53 @@ _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EMFILE, errno.ENF
 _pidfd_supported = hasattr(os, "pidfd_open")
 
 
-_FD_RESERVE = 32  # descriptors pidfds leave to everything else
+# Descriptors the pidfds of our own children leave to everything else, and
+# in particular to adopted handles, which must keep theirs (see pidfd_open).
+_FD_RESERVE = 32
+
+# The soft RLIMIT_NOFILE is raised toward the hard limit at import (as Go's
+# runtime does), but not past this: some programs still loop close() over
+# every possible descriptor, or use select() on them.
+_NOFILE_TARGET = 1 << 16
 
 
-def pidfd_open(pid: int) -> Optional[int]:
+def raise_nofile_limit() -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` toward the hard limit (at most 65536).
+
+    A pidfd per watched process must not run this process out of
+    descriptors at the usual soft limit of 1024. Children inherit the raised
+    limit (Go restores it for exec'd children; subprocess cannot without a
+    preexec_fn on every start, which would cost every start a slow fork).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = _NOFILE_TARGET if hard == resource.RLIM_INFINITY else min(hard, _NOFILE_TARGET)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        pass  # a sandbox refusing it: live with the limit we have
+
+
+def pidfd_open(pid: int, *, keep: bool = False) -> Optional[int]:
     """Open a pidfd (close-on-exec) for ``pid``, or return ``None`` to mean "poll instead".
 
     Args:
         pid: the process to pin; a positive PID.
+        keep: for an adopted process, whose identity depends on it: never
+            give the descriptor up to the reserve, and raise instead of
+            returning ``None`` when no descriptor is free.
 
     Returns:
         The file descriptor, or ``None`` when pidfds are unavailable on this
-        system or no descriptor is free.
+        system or (unless ``keep``) few descriptors are free.
 
     Raises:
         NoSuchProcess: ``pid`` does not exist.
+        OSError: ``keep`` and no descriptor is free (EMFILE, ENFILE).
     """
     global _pidfd_supported
     if not _pidfd_supported:
@@ -69,7 +101,7 @@ def pidfd_open(pid: int) -> Optional[int]:
     except ProcessLookupError as err:
         raise NoSuchProcess(pid=pid) from err
     except OSError as err:
-        if err.errno not in _FALLBACK_ERRNOS:
+        if err.errno not in _FALLBACK_ERRNOS or (keep and err.errno in (errno.EMFILE, errno.ENFILE)):
             raise
         if err.errno in (errno.ENOSYS, errno.EPERM):
             # The syscall will not start working later: stop trying.
@@ -80,7 +112,7 @@ def pidfd_open(pid: int) -> Optional[int]:
     # starve the rest (psutil's /proc reads, the polling fallback, sockets).
     import resource  # here: pidfds exist only on Linux, resource not on Windows
 
-    if fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE:
+    if not keep and fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE:
         os.close(fd)
         logger.debug("pidfd_open(%d): few descriptors left; polling for its exit instead", pid)
         return None
@@ -167,6 +199,16 @@ class Watch:
                     raise
                 return False
             return True
+
+    def dup_pidfd(self) -> Optional[int]:
+        """Return a duplicate of the pidfd (the caller closes it), or ``None`` if none is held."""
+        with self._lock:
+            if self._pidfd is None:
+                return None
+            try:
+                return os.dup(self._pidfd)
+            except OSError:
+                return None
 
     def _close_pidfd(self) -> None:
         with self._lock:
@@ -311,6 +353,7 @@ class _Reaper:
                     pass
 
 
+raise_nofile_limit()
 _reaper = _Reaper()
 # Every watch not yet garbage: a forked child must close their pidfds.
 _all_watches: weakref.WeakSet[Watch] = weakref.WeakSet()

@@ -19,7 +19,7 @@ TIMEOUT = 30
 @pytest.fixture(params=["pidfd", "polling"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "polling":
-        monkeypatch.setattr(_wait, "pidfd_open", lambda pid: None)
+        monkeypatch.setattr(_wait, "pidfd_open", lambda pid, **kw: None)
     return str(request.param)
 
 
@@ -86,7 +86,7 @@ def test_adopt_rejects_bad_pids(pid: Any, error: type[Exception]) -> None:
 
 
 def test_pid_reuse_is_detected_without_pidfd(spawner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_wait, "pidfd_open", lambda pid: None)
+    monkeypatch.setattr(_wait, "pidfd_open", lambda pid, **kw: None)
     p = spawner.popen(["sleep", "30"])
     h = adopt(p.pid)
     assert h.is_alive()
@@ -136,7 +136,7 @@ def test_signal_goes_through_pidfd(spawner: Any, monkeypatch: pytest.MonkeyPatch
 
 
 def test_fallback_waiting_detects_exit(spawner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_wait, "pidfd_open", lambda pid: None)
+    monkeypatch.setattr(_wait, "pidfd_open", lambda pid, **kw: None)
     pid = spawner.orphan()
     h = adopt(pid)
     assert h._watch._pidfd is None

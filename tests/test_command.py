@@ -210,7 +210,7 @@ def test_signal_after_exit() -> None:
 
 
 def test_signal_uses_os_kill_without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mproc._wait, "pidfd_open", lambda pid: None)
+    monkeypatch.setattr(mproc._wait, "pidfd_open", lambda pid, **kw: None)
     sent: list[tuple[int, int]] = []
     real_kill = os.kill
 

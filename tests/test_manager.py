@@ -152,7 +152,9 @@ def test_kill_all_removes_and_returns_codes(spawner: Any) -> None:
 
 
 def test_kill_all_aggregates_failures(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = mproc.ProcessManager()
+    # contain=False: each handle's own signal() is used (a contained process
+    # is killed with its tree, which goes around the handle).
+    m = mproc.ProcessManager(contain=False)
     ok, bad1, bad2 = sleeper(m), sleeper(m), sleeper(m)
     gone = m.new_process("true")
     gone.run()
@@ -215,10 +217,14 @@ def test_terminate_all_escalates(caplog: pytest.LogCaptureFixture) -> None:
     polite = sleeper(m)
     rude = stubborn(m)
     try:
-        with caplog.at_level(logging.WARNING, logger="mproc"):
+        with caplog.at_level(logging.WARNING, logger="mproc"), pytest.warns(
+            RuntimeWarning, match=rf"PID {rude.pid}"
+        ) as caught:
             codes = m.terminate_all(timeout=0.3)
     finally:
         close_pipes(rude)
+    assert len(caught) == 1 and str(polite.pid) not in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller of terminate_all
     assert codes == {polite.pid: -signal.SIGTERM, rude.pid: -signal.SIGKILL}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"PID {rude.pid}" in w and "SIGKILL" in w for w in warnings)

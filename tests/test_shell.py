@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mproc
-from mproc import _shell, shell, shell_exec, shell_run
+from mproc import _launch, _shell, shell, shell_exec, shell_run
 
 PY = shlex.quote(sys.executable)
 _counter = itertools.count()
@@ -160,7 +160,7 @@ def test_bash_is_used_when_present() -> None:
 
 
 def test_falls_back_to_sh(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    monkeypatch.setattr(_shell, "_BASH", str(tmp_path / "no-bash"))
+    monkeypatch.setattr(_launch, "_BASH", str(tmp_path / "no-bash"))
     assert _shell._shell_path() == "/bin/sh"
     assert shell_exec("echo $0") == "/bin/sh\n"
     buf = io.StringIO()

@@ -152,7 +152,7 @@ def test_real_emfile_falls_back_to_polling() -> None:
 
 
 def test_handles_work_with_forced_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_wait, "pidfd_open", lambda pid: None)
+    monkeypatch.setattr(_wait, "pidfd_open", lambda pid, **kw: None)
     cmd = mproc.Command("sleep", ["30"])
     cmd.start()
     assert cmd._watch is not None and cmd._watch._pidfd is None

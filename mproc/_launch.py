@@ -1,0 +1,411 @@
+"""Everything about starting a child: environment, mailbox, process group, death signal.
+
+:class:`~mproc.Process`, :class:`~mproc.Command` and the shell helpers all
+start their children through this module, so that every child gets the
+same things:
+
+* ``MPROC_PPID`` (this process) and ``MPROC_RUNTIME_DIR`` (where our
+  mailbox is) in its environment, and our mailbox opened first, so the child
+  can always reach its launcher;
+* when it is *contained* (started by a ``ProcessManager`` with
+  ``contain=True``, by a shell helper with a timeout, or by any mproc launch
+  inside a contained process): a containment marker, a death signal and,
+  for a manager's child, its own process group.
+
+The containment marker is ``MPROC_CONTAIN``, a space-separated chain of
+elements ``<token>.<serial>``: one element per contained launch on the way
+down, so a descendant carries the elements of every contained ancestor. An
+environment variable is inherited through ``fork`` *and* ``exec`` and is
+readable in ``/proc/<pid>/environ`` (only as it was at ``exec``): a process
+that left its parent's process group (``setsid``, ``setsid -f``, ``nohup …
+&``, a double fork that then runs a program) still says whose it is. This
+is the technique of Jenkins' ProcessTreeKiller.
+
+The death signal is ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set in the child
+and followed by the check that its parent is still the expected one (the
+parent may have died before the call). Linux sends it when the *thread*
+that forked the child exits, not the process: so every contained child is
+forked by one long-lived launcher thread, never by the caller's thread,
+which may be a short-lived worker of a pool (see :func:`on_launcher_thread`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, TypeVar, Union
+
+from . import _mailbox, _runtime
+from ._identity import ENV_PPID
+
+__all__ = [
+    "ENV_CONTAIN",
+    "Env",
+    "Plan",
+    "child_env",
+    "child_setup",
+    "on_launcher_thread",
+    "plan",
+    "plan_shell",
+    "popen",
+    "preexec",
+    "shell_path",
+]
+
+#: The environment variable carrying the containment chain.
+ENV_CONTAIN = "MPROC_CONTAIN"
+
+#: What ``env=`` accepts: a mapping, or gproc's list of ``"KEY=VALUE"`` strings.
+Env = Union[Mapping[str, str], Iterable[str], None]
+
+_BASH = "/bin/bash"
+_SH = "/bin/sh"
+
+# linux/prctl.h
+_PR_SET_PDEATHSIG = 1
+
+_T = TypeVar("_T")
+
+
+def shell_path() -> str:
+    """Return the shell that runs command lines: ``/bin/bash``, else ``/bin/sh``."""
+    return _BASH if os.access(_BASH, os.X_OK) else _SH
+
+
+# --- environment ---------------------------------------------------------------
+
+
+def child_env(env: Env, *, marker: Optional[str] = None) -> dict[str, str]:
+    """Return the environment of a child: ``os.environ``, our variables, then ``env``.
+
+    Args:
+        env: variables added to (not replacing) ``os.environ``: a mapping or
+            a list of ``"KEY=VALUE"`` strings.
+        marker: the containment chain to set, if the child is contained.
+
+    Raises:
+        TypeError: ``env`` has the wrong shape.
+        ValueError: an ``env`` entry is malformed (the message names it).
+    """
+    result = dict(os.environ)
+    # Ours first, so a caller who means to override MPROC_PPID can.
+    result[ENV_PPID] = str(os.getpid())
+    result[_runtime.ENV_RUNTIME_DIR] = _runtime.runtime_dir()
+    if marker is not None:
+        result[ENV_CONTAIN] = marker
+    if env is None:
+        return result
+    if isinstance(env, Mapping):
+        items: Iterable[tuple[object, object]] = env.items()
+    elif isinstance(env, (str, bytes)) or not isinstance(env, Iterable):
+        raise TypeError(
+            f"env must be a mapping or a list of 'KEY=VALUE' strings, not {type(env).__name__}"
+        )
+    else:
+        items = (_split_entry(entry) for entry in env)
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"env entry {key!r}: {value!r} must map a str to a str")
+        if not key or "=" in key or "\0" in key + value:
+            raise ValueError(
+                f"env entry {key!r}: {value!r}: the name must be non-empty without "
+                "'=' and neither may contain NUL"
+            )
+        result[key] = value
+    return result
+
+
+def check_env(env: Env) -> None:
+    """Validate ``env`` now rather than at start (same errors as :func:`child_env`)."""
+    child_env(env)
+
+
+def _split_entry(entry: object) -> tuple[str, str]:
+    if not isinstance(entry, str):
+        raise TypeError(f"env entry {entry!r} is not a 'KEY=VALUE' string")
+    key, sep, value = entry.partition("=")
+    if not sep or not key:
+        raise ValueError(f"env entry {entry!r} is not of the form 'KEY=VALUE'")
+    return key, value
+
+
+# --- containment plan ------------------------------------------------------------
+
+
+class _Token:
+    """This process's containment token; a fresh one after fork (a new process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = -1
+        self.value = ""
+        self.serial = 0
+
+    def element(self) -> str:
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid, self.value, self.serial = os.getpid(), secrets.token_hex(6), 0
+            self.serial += 1
+            return f"{self.value}.{self.serial}"
+
+
+_token = _Token()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one child is contained.
+
+    Attributes:
+        element: this child's own marker element (``None``: it only inherits
+            the chain of a contained launcher).
+        chain: the full ``MPROC_CONTAIN`` value the child gets.
+        new_group: whether the child leads a process group of its own.
+        death_signal: whether the child dies with this process (``PR_SET_PDEATHSIG``).
+    """
+
+    element: Optional[str]
+    chain: str
+    new_group: bool
+    death_signal: bool
+
+
+def plan(contain: Optional[bool]) -> Optional[Plan]:
+    """Decide how a child is contained.
+
+    Args:
+        contain: ``True`` for a manager's child (own marker element, process
+            group and death signal); ``False`` to opt out; ``None`` for a
+            standalone launch, which is contained (death signal, inherited
+            chain) only when this process is itself contained.
+
+    Returns:
+        The plan, or ``None`` for an uncontained child.
+    """
+    inherited = os.environ.get(ENV_CONTAIN, "")
+    if contain is None:
+        if not inherited or not _can_prctl():
+            return None
+        return Plan(None, inherited, new_group=False, death_signal=True)
+    if not contain:
+        return None
+    element = _token.element()
+    chain = f"{inherited} {element}" if inherited else element
+    return Plan(element, chain, new_group=True, death_signal=_can_prctl())
+
+
+def plan_shell(*, marked: bool) -> Optional[Plan]:
+    """Decide how a shell helper's command is contained.
+
+    Args:
+        marked: the command has a timeout: it gets a marker element of its
+            own, so that a timeout finds what left its session. (Its new
+            session comes from ``start_new_session``.)
+
+    Returns:
+        The plan, or ``None`` for an uncontained command.
+    """
+    inherited = plan(None)
+    if not marked:
+        return inherited
+    element = _token.element()
+    chain = f"{inherited.chain} {element}" if inherited is not None else element
+    return Plan(element, chain, new_group=False, death_signal=inherited is not None)
+
+
+# --- in the child ----------------------------------------------------------------
+
+
+class _Prctl:
+    """``prctl(2)`` through ctypes, loaded once (never in a freshly forked child)."""
+
+    def __init__(self) -> None:
+        self.func: Optional[Callable[..., int]] = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                func = libc.prctl
+                func.restype = ctypes.c_int
+                func.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+                self.func = func
+            except (OSError, AttributeError):
+                self.func = None
+
+
+_prctl = _Prctl()
+
+
+def _can_prctl() -> bool:
+    return _prctl.func is not None
+
+
+def child_setup(p: Plan, parent: int) -> None:
+    """In the child, before it runs anything of its own: apply ``p``.
+
+    Runs between fork and exec for a Command (``preexec_fn``) and first thing
+    in a Process child. Exits the child at once if ``parent`` died before
+    the death signal was armed (the kernel would never send it then).
+
+    Args:
+        p: the plan.
+        parent: the PID that must still be our parent once the signal is armed.
+    """
+    if p.new_group:
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass  # already a session leader (cannot happen for a fresh child): keep going
+    if p.death_signal and _prctl.func is not None:
+        _prctl.func(_PR_SET_PDEATHSIG, signal.SIGKILL, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # our launcher is gone already: it wanted us dead with it
+
+
+# --- the launcher thread -----------------------------------------------------------
+
+
+class _Launcher:
+    """A long-lived thread that forks contained children (the PR_SET_PDEATHSIG trap).
+
+    The kernel delivers the death signal when the thread that forked the
+    child exits. The caller may be a pool worker or a supervisor's restart
+    thread that exits a moment later; this thread lives as long as the
+    process, so the signal means what we want: this process died.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._jobs: list[_Job[Any]] = []
+        self._thread: Optional[threading.Thread] = None
+        self._owner = -1
+
+    def run(self, fn: Callable[[], _T]) -> _T:
+        job: _Job[_T] = _Job(fn)
+        with self._cond:
+            if self._owner != os.getpid() or self._thread is None:
+                # First use, or a forked child: the thread did not survive fork.
+                self._owner = os.getpid()
+                self._jobs = []
+                self._thread = threading.Thread(
+                    target=self._loop, name="mproc-launcher", daemon=True
+                )
+                self._thread.start()
+            if threading.current_thread() is self._thread:
+                job.run()
+                return job.result()
+            self._jobs.append(job)
+            self._cond.notify()
+        try:
+            job.done.wait()
+        except BaseException:
+            # Interrupted (Ctrl-C): let the launch finish, so that the child
+            # it may have started is known to its handle and can be stopped.
+            job.done.wait()
+            raise
+        return job.result()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._jobs.pop(0)
+            job.run()
+
+
+class _Job(Generic[_T]):
+    """One callable run on the launcher thread, with its outcome."""
+
+    def __init__(self, fn: Callable[[], _T]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: Optional[_T] = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as err:
+            self.error = err
+        finally:
+            self.done.set()
+
+    def result(self) -> _T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]  # set when error is None
+
+
+_launcher = _Launcher()
+
+
+def on_launcher_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` (which forks a child) on the long-lived launcher thread; return its result.
+
+    Args:
+        fn: the callable; its exception is re-raised here.
+    """
+    result: _T = _launcher.run(fn)
+    return result
+
+
+# --- starting a program ----------------------------------------------------------------
+
+
+def open_mailbox() -> None:
+    """Open our mailbox before a child starts, so that it can always reach us."""
+    _mailbox.open_for_children()
+
+
+def preexec(p: Optional[Plan]) -> Optional[Callable[[], None]]:
+    """Return the ``preexec_fn`` that applies ``p`` in a Popen child, or ``None`` if none is needed.
+
+    ``None`` lets subprocess use its fast ``vfork``/``posix_spawn`` path.
+    """
+    if p is None or not (p.new_group or p.death_signal):
+        return None
+    me = os.getpid()
+
+    def setup() -> None:
+        child_setup(p, me)
+
+    return setup
+
+
+def popen(argv: list[str], *, contain: Optional[Plan], **kw: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with :class:`subprocess.Popen`, contained as ``contain`` says.
+
+    ``kw`` goes to Popen (``env`` must come from :func:`child_env`). The
+    mailbox is opened first. A contained child is forked by the launcher
+    thread (see :func:`on_launcher_thread`).
+
+    Args:
+        argv: the program and its arguments.
+        contain: the plan, or ``None`` for an uncontained child.
+        kw: arguments for :class:`subprocess.Popen`.
+
+    Returns:
+        The started Popen.
+    """
+    open_mailbox()
+    setup = preexec(contain)
+    if setup is None:
+        return subprocess.Popen(argv, **kw)
+
+    def start() -> subprocess.Popen[bytes]:
+        # preexec_fn runs only async-signal-safe-enough calls (setpgid,
+        # prctl, getppid, _exit) through a ctypes function loaded earlier.
+        return subprocess.Popen(argv, preexec_fn=setup, **kw)
+
+    if contain is not None and contain.death_signal:
+        return on_launcher_thread(start)
+    return start()

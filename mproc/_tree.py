@@ -1,0 +1,336 @@
+"""Process trees: find everything a process started, freeze it, and kill it.
+
+A process's *tree* is the union of
+
+* its descendants by parent PID (``/proc/<pid>/stat``), read while they are
+  frozen, so none can fork a child or re-parent one behind our back;
+* the members of its process group, when it leads one (an mproc manager
+  gives each contained child a group of its own): a killed pipeline's
+  orphans, wherever they were re-parented;
+* every process whose ``MPROC_CONTAIN`` chain (see :mod:`mproc._launch`)
+  holds the root's marker element: descendants that called ``setsid()``,
+  double-forked, or were re-parented to init, as long as they ran a program
+  (``exec``) without clearing their environment.
+
+Killing freezes first: every member found is sent SIGSTOP, then the search
+runs again until it finds nobody new (a stopped process cannot fork), then
+all are sent the signal. Members are pinned with pidfds as they are found,
+so a PID reused meanwhile is never signalled. Members that were re-parented
+to us (when this process is a child subreaper) are reaped by their pidfd,
+exactly those: never ``waitpid(-1)``, which would steal the status of a
+child the user started with :mod:`subprocess`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal as _signal
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from . import _check
+from ._errors import NoSuchProcess
+from ._launch import ENV_CONTAIN
+
+__all__ = ["Root", "kill_tree", "kill_trees", "remember", "forget"]
+
+_MARKER_KEY = ENV_CONTAIN.encode() + b"="
+# A round of search-and-freeze finds what the previous round's members forked
+# before they were stopped; a fork bomb could keep it going, so bound it.
+_MAX_ROUNDS = 64
+
+# Marker elements of the contained children of this process, by PID, so that
+# kill_tree(pid) of one of them also finds its escaped descendants.
+_markers: dict[int, str] = {}
+_markers_lock = threading.Lock()
+
+
+def remember(pid: int, element: str) -> None:
+    """Record the marker element of a contained child (see :func:`kill_tree`)."""
+    with _markers_lock:
+        _markers[pid] = element
+
+
+def forget(pid: int, element: str) -> None:
+    """Forget a contained child's marker (it has been reaped: its PID is free)."""
+    with _markers_lock:
+        if _markers.get(pid) == element:
+            del _markers[pid]
+
+
+@dataclass(frozen=True)
+class Root:
+    """The root of a tree to kill.
+
+    Attributes:
+        pid: the root process.
+        pidfd: a pidfd pinning the root, or ``None`` if it has exited (its
+            leftovers are still found by ``group`` and ``marker``) or pidfds
+            are unavailable.
+        alive: whether the root itself is to be signalled.
+        group: whether the root's PID names a process group of its own.
+        marker: the root's containment marker element, if it has one.
+    """
+
+    pid: int
+    pidfd: Optional[int] = None
+    alive: bool = True
+    group: bool = False
+    marker: Optional[str] = None
+
+
+@dataclass
+class _Stat:
+    ppid: int
+    pgid: int
+    start: int
+    zombie: bool
+
+
+def _read_stat(pid: int) -> Optional[_Stat]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return _Stat(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] == b"Z")
+    except (IndexError, ValueError):
+        return None
+
+
+def _scan() -> dict[int, _Stat]:
+    procs: dict[int, _Stat] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _read_stat(int(name))
+            if st is not None:
+                procs[int(name)] = st
+    return procs
+
+
+def _markers_of(pid: int) -> Sequence[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:  # another user's process, or gone
+        return ()
+    for var in env.split(b"\0"):
+        if var.startswith(_MARKER_KEY):
+            return var[len(_MARKER_KEY) :].split()
+    return ()
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors: never frozen, whatever their group or marker."""
+    seen = {os.getpid()}
+    pid = os.getppid()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        st = _read_stat(pid)
+        if st is None:
+            break
+        pid = st.ppid
+    return seen
+
+
+class _Member:
+    """A process found in a tree, pinned by a pidfd where possible."""
+
+    __slots__ = ("fd", "pid", "start")
+
+    def __init__(self, pid: int, start: int, fd: Optional[int]) -> None:
+        self.pid, self.start, self.fd = pid, start, fd
+
+    def send(self, sig: int) -> None:
+        try:
+            if self.fd is not None:
+                _signal.pidfd_send_signal(self.fd, sig)  # type: ignore[attr-defined]
+                return
+            # No pidfd: check that the PID still names the process we found.
+            st = _read_stat(self.pid)
+            if st is not None and st.start == self.start:
+                os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # exited already; or setuid (not ours to stop)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pin(pid: int) -> Optional[int]:
+    if not hasattr(os, "pidfd_open") or not hasattr(_signal, "pidfd_send_signal"):
+        return None
+    try:
+        return os.pidfd_open(pid)  # type: ignore[attr-defined,no-any-return]
+    except OSError:  # gone, out of fds (then the start-time check guards os.kill)
+        return None
+
+
+def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Member]) -> set[int]:
+    """Return the PIDs in ``procs`` that belong to the trees and are not members yet."""
+    found: set[int] = set()
+    groups = {r.pid for r in roots if r.group}
+    markers = {r.marker.encode() for r in roots if r.marker}
+    for r in roots:
+        if r.alive and r.pid in procs:
+            found.add(r.pid)
+    for pid, st in procs.items():
+        if st.pgid in groups:
+            found.add(pid)
+        elif markers and not st.zombie and markers.intersection(_markers_of(pid)):
+            found.add(pid)
+    # Descendants by parent PID, to the bottom.
+    children: dict[int, list[int]] = {}
+    for pid, st in procs.items():
+        children.setdefault(st.ppid, []).append(pid)
+    stack = list(found | set(members))
+    while stack:
+        for kid in children.get(stack.pop(), ()):
+            if kid not in found and kid not in members:
+                found.add(kid)
+                stack.append(kid)
+    return found - set(members)
+
+
+def kill_trees(
+    roots: Sequence[Root], sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0,
+    keep: Iterable[int] = (),
+) -> list[int]:
+    """Freeze and signal every tree of ``roots`` at once (one ``/proc`` search for all).
+
+    Args:
+        roots: the trees' roots; their pidfds stay the caller's.
+        sig: the signal for every member.
+        timeout: how long to wait for the members to exit (``None``: no
+            limit; ``0``: do not wait).
+        keep: PIDs never to reap here (children whose status belongs to a
+            handle).
+
+    Returns:
+        The PIDs signalled, sorted.
+    """
+    exclude = _ancestors()
+    members: dict[int, _Member] = {}
+    root_fds = {r.pid: r.pidfd for r in roots if r.pidfd is not None}
+    try:
+        try:
+            for _ in range(_MAX_ROUNDS):
+                procs = _scan()
+                new = _find(roots, procs, members) - exclude
+                if not new:
+                    break
+                for pid in new:
+                    fd = root_fds.get(pid)
+                    fd = os.dup(fd) if fd is not None else _pin(pid)
+                    m = members[pid] = _Member(pid, procs[pid].start, fd)
+                    m.send(_signal.SIGSTOP)
+        finally:
+            # Even if the search failed half-way, what was frozen gets the signal.
+            for m in members.values():
+                m.send(sig)
+            if sig not in (_signal.SIGKILL, _signal.SIGSTOP):
+                for m in members.values():
+                    m.send(_signal.SIGCONT)  # stopped processes would not act on it
+        if timeout is None or timeout > 0:
+            _wait_gone(list(members.values()), timeout)
+        _reap(members.values(), set(keep))
+    finally:
+        for m in members.values():
+            m.close()
+    return sorted(members)
+
+
+def _wait_gone(members: list[_Member], timeout: Optional[float]) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = members
+    while pending:
+        poller = select.poll()
+        unpinned = []
+        for m in pending:
+            if m.fd is not None:
+                poller.register(m.fd, select.POLLIN)
+            else:
+                unpinned.append(m)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # Unpinned members (no pidfd) need a look at /proc: poll briefly then.
+        wait = left if not unpinned else min(left if left is not None else 0.01, 0.01)
+        ready = {fd for fd, _ in poller.poll(None if wait is None else wait * 1000)}
+        still = []
+        for m in pending:
+            if m.fd is not None:
+                if m.fd not in ready:
+                    still.append(m)
+            else:
+                st = _read_stat(m.pid)
+                if st is not None and st.start == m.start and not st.zombie:
+                    still.append(m)
+        pending = still
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+
+
+def _reap(members: Iterable[_Member], keep: set[int]) -> None:
+    """Reap the members that were re-parented to us, by pidfd: exactly those."""
+    for m in members:
+        if m.pid in keep or m.fd is None:
+            continue
+        try:
+            os.waitid(os.P_PIDFD, m.fd, os.WEXITED | os.WNOHANG)  # type: ignore[attr-defined]
+        except ChildProcessError:
+            pass  # not our child: init or another subreaper reaps it
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # P_PIDFD unknown to an old kernel
+                raise
+
+
+def kill_tree(pid: int, sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0) -> list[int]:
+    """Send ``sig`` to ``pid`` and everything it started, then wait for them to exit.
+
+    The tree is ``pid``'s descendants, the members of its process group when
+    it leads one, and, for a child an mproc manager started, the
+    descendants that escaped (``setsid``, double fork, re-parenting) but
+    carry its containment marker. Everything found is frozen (SIGSTOP) before
+    anything is signalled, so nothing can fork its way out; a process that
+    does not die of ``sig`` is continued (SIGCONT) so it can act on it.
+
+    Args:
+        pid: the root; any process this one may signal.
+        sig: the signal (default SIGKILL).
+        timeout: how long to wait for them all to exit; ``None`` waits
+            forever, ``0`` does not wait. Those still running afterwards are
+            left running (for a signal they may catch).
+
+    Returns:
+        The PIDs signalled, sorted.
+
+    Raises:
+        NoSuchProcess: ``pid`` does not exist.
+        TypeError, ValueError: an argument is malformed.
+    """
+    pid = _check.pid(pid, "kill_tree")
+    sig = _check.signum(sig, "kill_tree")
+    timeout = _check.timeout(timeout, "kill_tree")
+    fd = _pin(pid)
+    st = _read_stat(pid)
+    if st is None or st.zombie:
+        if fd is not None:
+            os.close(fd)
+        raise NoSuchProcess(f"kill_tree(): PID {pid} does not exist", pid=pid)
+    try:
+        with _markers_lock:
+            marker = _markers.get(pid)
+        root = Root(pid, fd, alive=True, group=st.pgid == pid, marker=marker)
+        return kill_trees([root], sig, timeout=timeout, keep=(pid,))
+    finally:
+        if fd is not None:
+            os.close(fd)
