@@ -109,7 +109,13 @@ class Command(_Stoppable):
             The (not yet started) Command.
         """
         return cls(
-            _launch.shell_path(), ["-c", cmd], env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr
+            _launch.shell_path(),
+            ["-c", cmd],
+            env,
+            cwd=cwd,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
         )
 
     def __repr__(self) -> str:

@@ -52,6 +52,7 @@ __all__ = [
     "Plan",
     "child_env",
     "child_setup",
+    "die_with",
     "on_launcher_thread",
     "plan",
     "plan_shell",
@@ -267,6 +268,53 @@ def child_setup(p: Plan, parent: int) -> None:
         _prctl.func(_PR_SET_PDEATHSIG, signal.SIGKILL, 0)
         if os.getppid() != parent:
             os._exit(1)  # our launcher is gone already: it wanted us dead with it
+
+
+def start_ticks(pid: int) -> int:
+    """Return the start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat``), or -1."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rfind(b")") + 2 :].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def die_with(pid: int, ticks: int) -> None:
+    """In a child whose parent is not its launcher: die (SIGKILL) when ``pid`` exits.
+
+    A forkserver child's parent is the forkserver, which outlives a killed
+    launcher for as long as its children hold the launcher's "alive" pipe:
+    a death signal tied to it would never fire. So the child watches the
+    launcher itself, through a pidfd, from a daemon thread. Exits at once if
+    the launcher is gone already (or its PID names another process).
+
+    Args:
+        pid: the launcher.
+        ticks: its start time (:func:`start_ticks`), proving that ``pid`` is still it.
+    """
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return  # no pidfd (old kernel): documented, the tree kill still applies
+    try:
+        fd = opener(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:
+        return
+    if start_ticks(pid) != ticks:
+        os._exit(1)
+
+    def watch() -> None:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="mproc-die-with-launcher", daemon=True).start()
 
 
 # --- the launcher thread -----------------------------------------------------------

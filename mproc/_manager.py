@@ -39,6 +39,7 @@ class _Pinned:
     def __init__(self, pid: int, handle: ProcessHandle) -> None:
         self.pid, self.handle = pid, handle
         pin = getattr(handle, "_pin", None)
+        self.fd: Optional[int] = None
         alive, self.fd = pin() if pin is not None else (False, None)
         self.marker = _marker(handle)
         if self.marker is not None:

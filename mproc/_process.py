@@ -271,6 +271,7 @@ class Process(_Stoppable, multiprocessing.Process):
         self._mproc_contain: Optional[bool] = None
         self._mproc_plan: Optional[_launch.Plan] = None
         self._mproc_parent = 0  # who must be the child's parent when its death signal is armed
+        self._mproc_launcher_ticks = -1
         self._mproc_lock = threading.RLock()
         self._mproc_watch: Optional[_wait.Watch] = None
 
@@ -304,7 +305,12 @@ class Process(_Stoppable, multiprocessing.Process):
             # The chain goes into os.environ, so every program this child
             # runs carries it in /proc/<pid>/environ (see mproc._launch).
             os.environ[_launch.ENV_CONTAIN] = p.chain
-            _launch.child_setup(p, self._mproc_parent)
+            if self._mproc_parent:
+                _launch.child_setup(p, self._mproc_parent)
+            else:  # a forkserver child: its parent is not its launcher
+                _launch.child_setup(_launch.Plan(p.element, p.chain, p.new_group, False), 0)
+                if p.death_signal:
+                    _launch.die_with(self._mproc_launcher, self._mproc_launcher_ticks)
         try:
             code: int = super()._bootstrap(*args, **kwargs)  # type: ignore[misc]
         finally:
@@ -325,6 +331,7 @@ class Process(_Stoppable, multiprocessing.Process):
         _launch.open_mailbox()
         if p is not None and p.death_signal:
             self._mproc_parent = self._expected_parent()
+            self._mproc_launcher_ticks = _launch.start_ticks(os.getpid())
             # Forked by the long-lived launcher thread: PR_SET_PDEATHSIG
             # fires when the forking *thread* exits (see mproc._launch).
             _launch.on_launcher_thread(super().start)
@@ -347,16 +354,14 @@ class Process(_Stoppable, multiprocessing.Process):
         self._mproc_watch = _watch_child(popen_pid, reaped)
 
     def _expected_parent(self) -> int:
-        """Return the PID that forks our child: us, or the forkserver."""
-        method = self._mproc_method or multiprocessing.get_start_method()
-        if method != "forkserver":
-            return os.getpid()
-        from multiprocessing import forkserver
+        """Return the PID that forks our child (us), or 0 for a forkserver child.
 
-        forkserver.ensure_running()
-        # Private but stable from 3.9 to 3.13; the forkserver exits when we
-        # do (its "alive" pipe closes), and its children's death signal then fires.
-        return int(getattr(forkserver, "_forkserver")._forkserver_pid)  # noqa: B009
+        A forkserver child's parent is the forkserver, and its death signal
+        would be tied to it; it watches its launcher instead (see
+        :func:`mproc._launch.die_with`).
+        """
+        method = self._mproc_method or multiprocessing.get_start_method()
+        return 0 if method == "forkserver" else os.getpid()
 
     def _pin(self) -> tuple[bool, Optional[int]]:
         """Return (alive, a new pidfd) for a tree kill; under the lock the reaper reaps under."""

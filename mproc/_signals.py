@@ -28,6 +28,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Optional
 
+from . import _check
 from ._log import logger
 
 __all__ = ["SHUTDOWN_SIGNALS", "add_sig_handler", "add_sig_handler_shutdown", "listen"]
@@ -40,10 +41,6 @@ SHUTDOWN_SIGNALS: tuple[int, ...] = tuple(
     int(getattr(signal, name))
     for name in ("SIGINT", "SIGQUIT", "SIGTERM", "SIGABRT")
     if hasattr(signal, name)
-)
-
-_UNCATCHABLE = frozenset(
-    int(getattr(signal, name)) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
 )
 
 # While the main thread waits in listen(), a signal the kernel hands to another
@@ -119,18 +116,7 @@ def _check_handler(func: str, handler: object) -> None:
 
 
 def _check_signal(sig: object) -> int:
-    if isinstance(sig, bool) or not isinstance(sig, int):
-        raise TypeError(
-            f"add_sig_handler() needs signal numbers such as signal.SIGUSR1, "
-            f"got {type(sig).__name__}: {sig!r}"
-        )
-    if sig not in signal.valid_signals():
-        raise ValueError(f"add_sig_handler(): {sig} is not a valid signal number on this platform")
-    if sig in _UNCATCHABLE:
-        raise ValueError(
-            f"add_sig_handler(): {_signame(sig)} cannot be caught, choose another signal"
-        )
-    return int(sig)
+    return _check.signum(sig, "add_sig_handler", catchable=True)
 
 
 def _register(handlers: list[SigHandler], signums: list[int]) -> None:
@@ -219,8 +205,7 @@ def listen(*, timeout: Optional[float] = None) -> Optional[int]:
             never return), or ``timeout`` is negative.
         RuntimeError: called from a signal handler, which would wait for itself.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"listen() needs a timeout >= 0 or None, got {timeout!r}")
+    timeout = _check.timeout(timeout, "listen")
     state = _state
     if threading.current_thread() is state.dispatcher:
         raise RuntimeError("listen() called from a signal handler would wait for itself")

@@ -88,6 +88,7 @@ class Root:
 class _Stat:
     ppid: int
     pgid: int
+    sid: int
     start: int
     zombie: bool
 
@@ -101,7 +102,9 @@ def _read_stat(pid: int) -> Optional[_Stat]:
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
     try:
-        return _Stat(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] == b"Z")
+        return _Stat(
+            int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0] == b"Z"
+        )
     except (IndexError, ValueError):
         return None
 
@@ -152,7 +155,7 @@ class _Member:
     def send(self, sig: int) -> None:
         try:
             if self.fd is not None:
-                _signal.pidfd_send_signal(self.fd, sig)  # type: ignore[attr-defined]
+                _signal.pidfd_send_signal(self.fd, sig)
                 return
             # No pidfd: check that the PID still names the process we found.
             st = _read_stat(self.pid)
@@ -171,7 +174,7 @@ def _pin(pid: int) -> Optional[int]:
     if not hasattr(os, "pidfd_open") or not hasattr(_signal, "pidfd_send_signal"):
         return None
     try:
-        return os.pidfd_open(pid)  # type: ignore[attr-defined,no-any-return]
+        return os.pidfd_open(pid)
     except OSError:  # gone, out of fds (then the start-time check guards os.kill)
         return None
 
@@ -185,9 +188,9 @@ def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Me
         if r.alive and r.pid in procs:
             found.add(r.pid)
     for pid, st in procs.items():
-        if st.pgid in groups:
-            found.add(pid)
-        elif markers and not st.zombie and markers.intersection(_markers_of(pid)):
+        if st.pgid in groups or (
+            markers and not st.zombie and markers.intersection(_markers_of(pid))
+        ):
             found.add(pid)
     # Descendants by parent PID, to the bottom.
     children: dict[int, list[int]] = {}
@@ -203,7 +206,10 @@ def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Me
 
 
 def kill_trees(
-    roots: Sequence[Root], sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0,
+    roots: Sequence[Root],
+    sig: int = _signal.SIGKILL,
+    *,
+    timeout: Optional[float] = 5.0,
     keep: Iterable[int] = (),
 ) -> list[int]:
     """Freeze and signal every tree of ``roots`` at once (one ``/proc`` search for all).
@@ -222,6 +228,7 @@ def kill_trees(
     exclude = _ancestors()
     members: dict[int, _Member] = {}
     root_fds = {r.pid: r.pidfd for r in roots if r.pidfd is not None}
+    procs: dict[int, _Stat] = {}
     try:
         try:
             for _ in range(_MAX_ROUNDS):
@@ -244,6 +251,7 @@ def kill_trees(
         if timeout is None or timeout > 0:
             _wait_gone(list(members.values()), timeout)
         _reap(members.values(), set(keep))
+        _reap_session_zombies(procs, members, set(keep))
     finally:
         for m in members.values():
             m.close()
@@ -285,12 +293,35 @@ def _reap(members: Iterable[_Member], keep: set[int]) -> None:
         if m.pid in keep or m.fd is None:
             continue
         try:
-            os.waitid(os.P_PIDFD, m.fd, os.WEXITED | os.WNOHANG)  # type: ignore[attr-defined]
+            os.waitid(os.P_PIDFD, m.fd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             pass  # not our child: init or another subreaper reaps it
         except OSError as err:
             if err.errno != errno.EINVAL:  # P_PIDFD unknown to an old kernel
                 raise
+
+
+def _reap_session_zombies(
+    procs: dict[int, _Stat], members: dict[int, _Member], keep: set[int]
+) -> None:
+    """Reap zombies re-parented to us from the sessions the trees made.
+
+    The middle process of a double fork (``fork; setsid; fork; exit``) has
+    exited before we looked: a zombie, its environment gone, but still in
+    the session it created, which the surviving member shares. A session
+    other than ours that a member belongs to was made inside a tree, so its
+    zombies are the trees' (a child the user started has its own session,
+    or ours).
+    """
+    me = os.getpid()
+    mine = os.getsid(0)
+    sessions = {procs[pid].sid for pid in members if pid in procs} - {mine}
+    for pid, st in procs.items():
+        if st.zombie and st.ppid == me and st.sid in sessions and pid not in keep:
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def kill_tree(pid: int, sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0) -> list[int]:

@@ -101,7 +101,9 @@ def pidfd_open(pid: int, *, keep: bool = False) -> Optional[int]:
     except ProcessLookupError as err:
         raise NoSuchProcess(pid=pid) from err
     except OSError as err:
-        if err.errno not in _FALLBACK_ERRNOS or (keep and err.errno in (errno.EMFILE, errno.ENFILE)):
+        if err.errno not in _FALLBACK_ERRNOS or (
+            keep and err.errno in (errno.EMFILE, errno.ENFILE)
+        ):
             raise
         if err.errno in (errno.ENOSYS, errno.EPERM):
             # The syscall will not start working later: stop trying.

@@ -217,9 +217,10 @@ def test_terminate_all_escalates(caplog: pytest.LogCaptureFixture) -> None:
     polite = sleeper(m)
     rude = stubborn(m)
     try:
-        with caplog.at_level(logging.WARNING, logger="mproc"), pytest.warns(
-            RuntimeWarning, match=rf"PID {rude.pid}"
-        ) as caught:
+        with (
+            caplog.at_level(logging.WARNING, logger="mproc"),
+            pytest.warns(RuntimeWarning, match=rf"PID {rude.pid}") as caught,
+        ):
             codes = m.terminate_all(timeout=0.3)
     finally:
         close_pipes(rude)

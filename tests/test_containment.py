@@ -1,0 +1,558 @@
+"""Containment: nothing outlives its manager (SPEC §2 timeouts, §4, issue 8).
+
+Every test learns the PIDs of the processes it expects to be killed through
+a handshake (a pipe, a FIFO inside the command), pins them with pidfds in
+this process, and then checks that each pidfd reports an exit. Processes
+re-parented to this test process (a child subreaper, see conftest) are reaped
+here, by pidfd, so the leak check sees nothing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+
+import mproc
+from mproc import _launch, _tree
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
+    reason="containment is tested on Linux with pidfds",
+)
+
+TIMEOUT = 30
+METHODS = multiprocessing.get_all_start_methods()
+
+
+# Scripts run by a fresh interpreter import the mproc under test.
+_ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(mproc.__file__)))
+
+
+def pin(pids: list[int]) -> list[int]:
+    return [os.pidfd_open(pid) for pid in pids]
+
+
+def exited(fd: int, timeout: float = 0.0) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def settle(fds: list[int], timeout: float = TIMEOUT) -> list[bool]:
+    """Wait (bounded) for each pinned process to exit; reap ours; close the fds.
+
+    Returns whether each had exited.
+    """
+    deadline = time.monotonic() + timeout
+    gone = [exited(fd, max(0.0, deadline - time.monotonic())) for fd in fds]
+    for fd in fds:
+        try:
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            pass
+        os.close(fd)
+    return gone
+
+
+def cleanup(pids: list[int]) -> None:
+    """Kill and reap whatever of ``pids`` is still there (for tests that expect survivors)."""
+    fds = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        fds.append(fd)
+    settle(fds)
+
+
+def forget_sockets(runtime_dir: str, pids: list[int]) -> None:
+    """Remove the mailbox socket files of killed processes (they had no chance to)."""
+    for name in os.listdir(runtime_dir):
+        if name.endswith(".sock") and int(name.split(".")[0]) in pids:
+            os.unlink(os.path.join(runtime_dir, name))
+
+
+def _block_forever(conn: Connection) -> None:
+    conn.recv()  # the test never sends: killed in here
+
+
+def _family(conn: Connection, ignore_term: bool) -> None:
+    """A worker that starts every kind of descendant, reports their PIDs, and blocks."""
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pids = []
+    plain = subprocess.Popen(["sleep", "1000"])  # not through mproc at all
+    pids.append(plain.pid)
+    r, _w = multiprocessing.Pipe(duplex=False)
+    daemon = mproc.Process(target=_block_forever, args=(r,), daemon=True)
+    daemon.start()
+    pids.append(daemon.pid)
+    cmd = mproc.Command("sleep", ["1000"])
+    pids.append(cmd.start())
+    inner = mproc.ProcessManager()  # a nested manager
+    pids.append(inner.new_process("sleep", ["1000"]).start())
+    # An escapee: a new session, its parent gone at once (re-parented).
+    escaper = inner.new_process(
+        "sh", ["-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE
+    )
+    escaper.start()
+    assert escaper.stdout is not None
+    pids.append(int(escaper.stdout.readline()))
+    escaper.wait(TIMEOUT)
+    conn.send(pids)
+    select.select([], [], [])  # until killed
+
+
+def _recv(conn: Connection) -> Any:
+    assert conn.poll(TIMEOUT), "the child did not report"
+    return conn.recv()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_leaving_the_block_stops_every_descendant(method: str, runtime_dir: str) -> None:
+    r, w = multiprocessing.Pipe(duplex=False)
+    with mproc.ProcessManager() as m:
+        p = mproc.Process(target=_family, args=(w, False), start_method=method)
+        m.start(p)
+        pids = _recv(r)
+        fds = pin([p.pid, *pids])  # type: ignore[list-item]
+        started = time.monotonic()
+    took = time.monotonic() - started
+    assert len(pids) == 5
+    assert [exited(fd) for fd in fds] == [True] * 6  # all gone when the block is left
+    assert took < 2.0
+    assert settle(fds) == [True] * 6
+    assert p.exitcode == -signal.SIGTERM
+    forget_sockets(runtime_dir, [p.pid, *pids])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_process_that_ignores_sigterm_is_killed_with_its_tree(
+    method: str, runtime_dir: str
+) -> None:
+    r, w = multiprocessing.Pipe(duplex=False)
+    m = mproc.ProcessManager()
+    p = mproc.Process(target=_family, args=(w, True), start_method=method)
+    m.start(p)
+    pids = _recv(r)
+    fds = pin(pids)
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=rf"PID {p.pid}"):
+        codes = m.terminate_all(timeout=0.5)
+    took = time.monotonic() - started
+    assert codes == {p.pid: -signal.SIGKILL}
+    assert [exited(fd) for fd in fds] == [True] * 5
+    assert took < 0.5 + 1.0  # about a second after the SIGKILL step at most
+    settle(fds)
+    forget_sockets(runtime_dir, [p.pid, *pids])  # type: ignore[list-item]
+
+
+def test_kill_and_kill_all_stop_trees() -> None:
+    m = mproc.ProcessManager()
+    cmds = [
+        m.new_process(
+            "sh",
+            ["-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!; exec sleep 1000"],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    kids = []
+    for c in cmds:
+        c.start()
+        assert c.stdout is not None
+        kids.append(int(c.stdout.readline()))
+        c.stdout.close()
+    fds = pin(kids)
+    assert m.kill(cmds[0].pid) == -signal.SIGKILL  # type: ignore[arg-type]
+    assert [exited(fd) for fd in fds] == [True, False, False]
+    assert m.kill_all(TIMEOUT) == {c.pid: -signal.SIGKILL for c in cmds[1:]}
+    assert settle(fds) == [True] * 3
+
+
+def test_command_background_job_does_not_outlive_terminate_all() -> None:
+    m = mproc.ProcessManager()
+    c = m.new_process("sh", ["-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE)
+    c.start()
+    assert c.stdout is not None
+    fds = pin([int(c.stdout.readline())])
+    c.stdout.close()
+    assert m.terminate_all(TIMEOUT) == {c.pid: -signal.SIGTERM}
+    assert exited(fds[0])
+    settle(fds)
+
+
+def test_contained_children_lead_a_group_and_carry_the_marker() -> None:
+    m = mproc.ProcessManager()
+    c = m.new_process("sleep", ["1000"])
+    c.start()
+    p = mproc.Process(target=_block_forever, args=(multiprocessing.Pipe(duplex=False)[0],))
+    m.start(p)
+    try:
+        assert os.getpgid(c.pid) == c.pid  # type: ignore[arg-type]
+        with open(f"/proc/{c.pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert env[_launch.ENV_CONTAIN.encode()] == c._element.encode()  # type: ignore[union-attr]
+        # A Process child becomes a group leader itself (also under spawn/forkserver).
+        assert os.getpgid(p.pid) == p.pid  # type: ignore[arg-type]
+    finally:
+        m.kill_all(TIMEOUT)
+
+
+def test_contain_false_opts_out() -> None:
+    m = mproc.ProcessManager(contain=False)
+    assert "contain=False" in repr(m)
+    c = m.new_process("sh", ["-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE)
+    c.start()
+    assert c.stdout is not None
+    sleeper = int(c.stdout.readline())
+    c.stdout.close()
+    try:
+        assert os.getpgid(c.pid) == os.getpgid(0)  # type: ignore[arg-type]
+        with open(f"/proc/{c.pid}/environ", "rb") as f:
+            assert _launch.ENV_CONTAIN.encode() not in f.read()
+        m.terminate_all(TIMEOUT)
+        fd = os.pidfd_open(sleeper)  # the background job was left alone
+        assert not exited(fd)
+        os.close(fd)
+    finally:
+        cleanup([sleeper])
+
+
+def _echo(conn: Connection) -> None:
+    conn.send(conn.recv())
+
+
+def test_a_child_started_from_a_short_lived_thread_survives_it() -> None:
+    # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
+    m = mproc.ProcessManager()
+    here, there = multiprocessing.Pipe()
+    box: dict[str, Any] = {}
+
+    def starter() -> None:
+        cmd = m.new_process(
+            "sh", ["-c", "read x; echo alive-$x"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        cmd.start()
+        box["cmd"] = cmd
+        for method in METHODS:
+            m.start(mproc.Process(target=_echo, args=(there,), start_method=method))
+
+    t = threading.Thread(target=starter)
+    t.start()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    cmd = box["cmd"]
+    try:
+        cmd.stdin.write(b"yes\n")
+        cmd.stdin.flush()
+        assert cmd.stdout.readline() == b"alive-yes\n"
+        for i in range(len(METHODS)):
+            here.send(i)
+            assert here.poll(TIMEOUT) and here.recv() == i
+        assert m.wait_all(TIMEOUT) == {pid: 0 for pid in m.pids()}
+    finally:
+        cmd.stdin.close()
+        cmd.stdout.close()
+        m.kill_all(TIMEOUT)
+
+
+_MANAGER_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, select, sys
+    import mproc
+
+    def block():
+        select.select([], [], [])
+
+    def nested():
+        # Started through mproc inside a contained child: dies with it.
+        c = mproc.Command("sleep", ["1000"])
+        print("grandchild", c.start(), flush=True)
+        select.select([], [], [])
+
+    if __name__ == "__main__":
+        m = mproc.ProcessManager()
+        pids = []
+        for method in multiprocessing.get_all_start_methods():
+            p = mproc.Process(target=block, start_method=method)
+            m.start(p)
+            pids.append(p.pid)
+        pids.append(m.new_process("sleep", ["1000"]).start())
+        m.start(mproc.Process(target=nested))
+        print("children", *pids, flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_children_die_with_the_managers_process(
+    sig: int, spawner: Any, tmp_path: Any, runtime_dir: str
+) -> None:
+    script = tmp_path / "manager.py"
+    script.write_text(_MANAGER_SCRIPT)
+    proc = spawner.popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_ENV,
+    )
+    pids: list[int] = []
+    for _ in range(2):
+        ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+        assert ready, "the manager did not report"
+        pids += [int(x) for x in proc.stdout.readline().split()[1:]]
+    assert len(pids) == len(METHODS) + 2  # + the Command, + the nested grandchild
+    # Everything below the manager, its forkserver and resource tracker too.
+    import psutil
+
+    below = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert set(pids) <= set(below)
+    names = {pid: " ".join(psutil.Process(pid).cmdline()) for pid in below}
+    fds = pin(below)
+    proc.send_signal(sig)
+    assert proc.wait(TIMEOUT) == -sig
+    proc.stdin.close()
+    proc.stdout.close()
+    gone = settle(fds, 10)
+    assert [names[pid][:150] for pid, ok in zip(below, gone) if not ok] == [], names
+    forget_sockets(runtime_dir, [proc.pid, *below])
+
+
+# --- shell timeouts -----------------------------------------------------------------
+
+# Each command starts a detached `sleep 1000` in its own way; the detached
+# process writes its PID into a FIFO that the foreground reads before it
+# sleeps, so the timeout always finds it running.
+_DETACHED = {
+    "subshell_setsid": "(setsid sh -c 'echo $$ > {fifo}; exec sleep 1000' &)",
+    "setsid_f": "setsid -f sh -c 'echo $$ > {fifo}; exec sleep 1000'",
+    "double_fork": (
+        "{python} -c 'import os,sys\n"
+        "if os.fork(): sys.exit(0)\n"
+        "os.setsid()\n"
+        "if os.fork(): os._exit(0)\n"
+        'open(sys.argv[1], "w").write(str(os.getpid()))\n'
+        'os.execvp("sleep", ["sleep", "1000"])\' {fifo}'
+    ),
+    "nohup": "nohup sh -c 'echo $$ > {fifo}; exec sleep 1000' >/dev/null 2>&1 &",
+}
+
+
+@pytest.mark.parametrize("form", sorted(_DETACHED))
+@pytest.mark.parametrize("helper", ["shell_exec", "shell_run", "shell"])
+def test_shell_timeout_kills_detached_descendants(form: str, helper: str, tmp_path: Any) -> None:
+    fifo = tmp_path / "pid"
+    os.mkfifo(fifo)
+    pidfile = tmp_path / "pid.txt"
+    detach = _DETACHED[form].format(fifo=fifo, python=sys.executable)
+    cmd = f"{detach}\nread pid < {fifo}; echo $pid > {pidfile}; echo started; sleep 100"
+    run = getattr(mproc, helper)
+    started = time.monotonic()
+    with pytest.raises(mproc.ShellTimeout) as info:
+        if helper == "shell":
+            import io
+
+            run(cmd, io.StringIO(), timeout=1)
+        elif helper == "shell_run":
+            run(cmd + " >/dev/null", timeout=1)
+        else:
+            run(cmd, timeout=1)
+    took = time.monotonic() - started
+    assert took < 1 + 1.0, f"ShellTimeout after {took:.2f} s"
+    if helper == "shell_exec":
+        assert info.value.output == "started\n"
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.pidfd_open(pid)  # killed, and reaped (it was re-parented to us)
+
+
+# --- kill_tree --------------------------------------------------------------------------
+
+
+def test_kill_tree_of_any_pid(spawner: Any) -> None:
+    # Not ours: a plain subprocess in a session of its own, with a pipeline
+    # and a job that left the group.
+    p = spawner.popen(
+        ["sh", "-c", "sleep 1000 | cat & setsid sleep 1000 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    escaped = int(p.stdout.readline())
+    p.stdout.close()
+    import psutil
+
+    below = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    fds = pin(below)
+    killed = mproc.kill_tree(p.pid, timeout=TIMEOUT)
+    assert set(killed) == {p.pid, *below}
+    assert escaped in below
+    assert p.wait(TIMEOUT) == -signal.SIGKILL  # the root's status is left to its owner
+    assert settle(fds) == [True] * len(fds)
+
+
+def test_kill_tree_with_a_catchable_signal_lets_them_act(spawner: Any) -> None:
+    p = spawner.popen(
+        ["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while :; do read x; done"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert p.stdout.readline() == b"ready\n"
+    assert mproc.kill_tree(p.pid, signal.SIGTERM, timeout=TIMEOUT) == [p.pid]
+    assert p.stdout.readline() == b"got-term\n"
+    assert p.wait(TIMEOUT) == 3
+    p.stdin.close()
+    p.stdout.close()
+
+
+def test_kill_tree_checks_its_arguments(spawner: Any) -> None:
+    dead = spawner.popen(["true"])
+    dead.wait(TIMEOUT)
+    with pytest.raises(mproc.NoSuchProcess, match=rf"PID {dead.pid}"):
+        mproc.kill_tree(dead.pid)
+    with pytest.raises(TypeError, match="kill_tree"):
+        mproc.kill_tree("1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kill_tree"):
+        mproc.kill_tree(0)
+    with pytest.raises(ValueError, match="NaN"):
+        mproc.kill_tree(os.getpid(), timeout=float("nan"))
+    with pytest.raises(ValueError, match="signal"):
+        mproc.kill_tree(os.getpid(), 0)
+
+
+def test_adopted_processes_alone_unless_tree(spawner: Any) -> None:
+    def family() -> tuple[Any, int]:
+        p = spawner.popen(
+            ["sh", "-c", "setsid sleep 1000 & echo $!; wait"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return p, int(p.stdout.readline())
+
+    (alone, kid1), (whole, kid2) = family(), family()
+    alone.stdout.close()
+    whole.stdout.close()
+    fds = pin([kid1, kid2])
+    try:
+        m = mproc.ProcessManager()
+        m.add_process(alone.pid)
+        assert m.terminate_all(TIMEOUT) == {alone.pid: None}
+        assert alone.wait(TIMEOUT) == -signal.SIGTERM
+        assert not exited(fds[0])  # an adopted process is signalled alone
+        m = mproc.ProcessManager()
+        m.add_process(whole.pid)
+        m.kill_all(TIMEOUT, tree=True)
+        assert whole.wait(TIMEOUT) == -signal.SIGKILL
+        assert exited(fds[1], TIMEOUT)
+    finally:
+        cleanup([kid1])
+        settle(fds)
+
+
+def test_tree_search_never_freezes_us_or_our_ancestors() -> None:
+    me = os.getpid()
+    assert me in _tree._ancestors() and os.getppid() in _tree._ancestors()
+
+
+# --- PID safety -----------------------------------------------------------------------------
+
+
+def test_adopting_ourselves_or_our_parent_is_refused() -> None:
+    m = mproc.ProcessManager()
+    with pytest.raises(ValueError, match=rf"PID {os.getpid()} is this process"):
+        m.add_process(os.getpid())
+    with pytest.raises(ValueError, match=rf"PID {os.getppid()} is the parent"):
+        m.add_process(os.getppid())
+    assert len(m) == 0
+
+
+_REUSE_SCRIPT = textwrap.dedent(
+    """
+    # Runs as PID 1 of a new PID namespace (unshare -fp --mount-proc).
+    import errno, os, resource, signal, subprocess, sys
+    import mproc
+
+    assert os.getpid() == 1
+    victim = subprocess.Popen(["sleep", "1000"])
+    pid = victim.pid
+    # Short of descriptors: fewer free than the reserve the reaper keeps.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 4, hard))
+    m = mproc.ProcessManager()
+    handle = m.add_process(pid)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    os.kill(pid, signal.SIGKILL)
+    victim.wait()
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    new = subprocess.Popen(["sleep", "1000"])
+    assert new.pid == pid, (new.pid, pid)  # the PID is reused, same tick
+    handle.kill()
+    m.kill_all()
+    m.terminate_all(timeout=0)
+    assert new.poll() is None, "the stale handle signalled the new process"
+    # No descriptor free at all: adopting is refused with a clear error.
+    lowest = os.open("/dev/null", os.O_RDONLY)  # the lowest free descriptor number
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        m.add_process(new.pid)
+    except mproc.MprocError as err:
+        refused = str(err)
+    else:
+        refused = ""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    new.kill()
+    new.wait()
+    print("refused:", refused)
+    print("SAFE")
+    """
+)
+
+
+def _unshare_works() -> bool:
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"):
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["unshare", "-fp", "--mount-proc", "true"], timeout=TIMEOUT, capture_output=True
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare -fp (a PID namespace)")
+@pytest.mark.parametrize("run", range(3))
+def test_pid_reuse_in_a_namespace_never_signals_the_new_process(run: int, tmp_path: Any) -> None:
+    script = tmp_path / "reuse.py"
+    script.write_text(_REUSE_SCRIPT)
+    out = subprocess.run(
+        ["unshare", "-fp", "--mount-proc", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_ENV,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("SAFE\n")
+    assert "no file descriptor is free for its pidfd" in out.stdout
+    assert "RLIMIT_NOFILE" in out.stdout
