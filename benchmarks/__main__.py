@@ -18,7 +18,7 @@ import psutil
 
 import mproc
 
-from . import _memory, _messaging, _scale, _table, _transfer, _waiting
+from . import _containment, _memory, _messaging, _scale, _table, _transfer, _waiting
 from ._common import RUNDIR_PREFIX, Config, Row, Target
 
 BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "wait_adopted": _waiting.wait_adopted,
     "memory_backpressure": _memory.memory_backpressure,
     "scale": _scale.scale,
+    "terminate_trees": _containment.terminate_trees,
 }
 
 

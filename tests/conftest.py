@@ -8,7 +8,11 @@ leaky test does not cascade into the next).
 On Linux the test process makes itself a *child subreaper*
 (``prctl(PR_SET_CHILD_SUBREAPER)``), so orphaned grandchildren — e.g. the
 ``sleep`` of a killed ``sleep 100 | cat`` pipeline — are re-parented to it
-and show up in the leak check instead of escaping to init.
+and show up in the leak check instead of escaping to init. And every test
+sets a marker of its own in the environment (``MPROC_TEST_LEAK``), which
+every program a test starts inherits: the leak check also looks for it in
+``/proc/<pid>/environ``, so a descendant that escaped our subtree (into
+another PID namespace's init, or re-parented past us) is still seen.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -55,6 +60,28 @@ def _children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if not _allowed(p)]
 
 
+_LEAK_MARKER = "MPROC_TEST_LEAK"
+
+
+def _marked(token: str) -> list[psutil.Process]:
+    """Processes other than us whose environment carries this test's marker."""
+    needle = f"{_LEAK_MARKER}={token}".encode()
+    found = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            p = psutil.Process(int(name))
+        except (OSError, psutil.Error):
+            continue
+        if not _allowed(p):
+            found.append(p)
+    return found
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
@@ -87,10 +114,14 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     os.chmod(path, 0o700)
     monkeypatch.setenv("MPROC_RUNTIME_DIR", path)
     monkeypatch.delenv("MPROC_PPID", raising=False)
+    token = secrets.token_hex(8)
+    monkeypatch.setenv(_LEAK_MARKER, token)
     before = {p.pid for p in _children()}
     yield path
     _close_mailbox()
     leaked = [p for p in _children() if p.pid not in before]
+    seen = {p.pid for p in leaked}
+    leaked += [p for p in _marked(token) if p.pid not in seen]
     described = [_describe(p) for p in leaked]
     _kill_and_reap(leaked)
     # The key file is meant to persist; a socket file is a leak.

@@ -556,3 +556,81 @@ def test_pid_reuse_in_a_namespace_never_signals_the_new_process(run: int, tmp_pa
     assert out.stdout.endswith("SAFE\n")
     assert "no file descriptor is free for its pidfd" in out.stdout
     assert "RLIMIT_NOFILE" in out.stdout
+
+
+def test_the_leak_check_sees_processes_that_left_our_subtree() -> None:
+    # A process that left its parent (re-parented, new session) still
+    # carries this test's marker; conftest finds it by that, wherever it went.
+    import conftest
+
+    out = subprocess.run(
+        ["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    pid = int(out.stdout)
+    try:
+        token = os.environ[conftest._LEAK_MARKER]
+        assert pid in {p.pid for p in conftest._marked(token)}
+    finally:
+        cleanup([pid])
+
+
+# --- file descriptors and validation -------------------------------------------------
+
+
+def _nothing() -> None:
+    pass
+
+
+def test_an_exited_process_holds_no_fds_after_wait() -> None:
+    warm = mproc.Process(target=_nothing, start_method="fork")
+    warm.start()  # opens the mailbox and starts the reaper: not counted
+    warm.wait(TIMEOUT)
+    before = len(os.listdir("/proc/self/fd"))
+    procs = [mproc.Process(target=_nothing, start_method="fork") for _ in range(5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        assert p.wait(TIMEOUT) == 0
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_dropped_process_is_freed_without_the_cyclic_gc() -> None:
+    import gc
+    import weakref
+
+    p = mproc.Process(target=_nothing, start_method="fork")
+    p.start()
+    assert p.wait(TIMEOUT) == 0
+    ref = weakref.ref(p._popen)  # type: ignore[attr-defined]
+    gc.disable()
+    try:
+        del p
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(float("nan"), ValueError), (-1, ValueError), (True, TypeError), ("1", TypeError)],
+)
+def test_timeouts_are_validated_everywhere(bad: Any, error: type, spawner: Any) -> None:
+    m = mproc.ProcessManager()
+    c = m.new_process("true")
+    c.run()
+    calls = [
+        lambda: c.wait(bad),
+        lambda: m.wait_all(bad),
+        lambda: m.terminate_all(bad),
+        lambda: m.kill_all(bad),
+        lambda: mproc.kill_tree(os.getpid(), timeout=bad),
+        lambda: mproc.shell_exec("true", timeout=bad),
+        lambda: mproc.shell_run("true", timeout=bad),
+        lambda: mproc.shell("true", timeout=bad),
+    ]
+    for call in calls:
+        with pytest.raises(error, match="timeout"):
+            call()
