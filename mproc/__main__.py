@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _transport as tr
+from . import _runtime as tr
 from ._errors import MprocError, ShellError
 from ._mailbox import receive, send
 from ._shell import shell_exec

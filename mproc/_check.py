@@ -54,8 +54,8 @@ def pid(value: object, func: str = "mproc", name: str = "pid") -> int:
     PIDs 0 and -1 are refused: ``os.kill`` would signal a whole process group,
     or every process the user may signal.
     """
-    if value.__class__ is int and value > 0:  # type: ignore[operator]
-        return value  # type: ignore[return-value]
+    if value.__class__ is int and value > 0:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"{func}(): {name} must be an int PID, got {type(value).__name__}: {value!r}"
@@ -65,12 +65,19 @@ def pid(value: object, func: str = "mproc", name: str = "pid") -> int:
     return int(value)
 
 
+_GROUPS: dict[str, bytes] = {"": b""}  # the names seen last, encoded
+
+
 def group(value: object, func: str = "mproc") -> bytes:
     """Check a mailbox group name and return it encoded for the wire.
 
     Any ``str`` is a group, lone surrogates included (they round-trip with
     ``surrogatepass``); it must fit in 65 535 UTF-8 bytes.
     """
+    if value.__class__ is str:
+        raw = _GROUPS.get(value)  # type: ignore[call-overload]
+        if raw is not None:
+            return raw
     if not isinstance(value, str):
         raise TypeError(f"{func}(): group must be a str, got {type(value).__name__}: {value!r}")
     raw = value.encode("utf-8", "surrogatepass")
@@ -79,6 +86,11 @@ def group(value: object, func: str = "mproc") -> bytes:
             f"{func}(): group name is {len(raw)} bytes long in UTF-8; "
             f"at most {MAX_GROUP_BYTES} are allowed"
         )
+    if len(_GROUPS) > 256:
+        _GROUPS.clear()
+        _GROUPS[""] = b""
+    if value.__class__ is str:
+        _GROUPS[value] = raw
     return raw
 
 

@@ -1,19 +1,13 @@
-"""PID-addressed messages: ``send(pid, obj)`` / ``receive()`` (SPEC §5).
+"""PID-addressed messages, the public face: ``send(pid, obj)`` / ``receive()`` (SPEC §5).
 
-This module is the public face and the sending side; the receiving side is
-:mod:`mproc._receiver`, the plumbing (runtime dir, key, handshake) is
-:mod:`mproc._transport`.
+A message goes from :func:`send` through :mod:`mproc._sender` (one
+connection per receiving process, credit flow control), in the frames of
+:mod:`mproc._wire`, to the receiving process's :mod:`mproc._receiver`
+(admission, readers, group queues), and out of :func:`receive`.
 
-A sender keeps one authenticated connection per receiver (at most
-``_MAX_LINKS``, oldest evicted) and reuses it. Each message is one frame in
-multiprocessing's own framing, the bytes ``Connection.send_bytes`` would
-write, around ``u8 kind | u16 len(group) | group (UTF-8) | pickle``.
-
-Delivery: ``send()`` returns once the whole frame is in the receiver's socket
-buffer, i.e. held by the receiving process. The receiver parses frames into
-bounded per-group queues; when a group's queue is full it stops reading that
-connection, the socket buffer fills, and the sender blocks (back-pressure)
-until there is room or its timeout passes (:class:`MailboxFull`).
+Process-global state, all reset in a forked child (``os.register_at_fork``):
+this process's open :class:`~mproc._receiver.Receiver` (``_state.receiver``)
+and the sender's connections (``mproc._sender``).
 """
 
 from __future__ import annotations
@@ -21,27 +15,28 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
-import socket
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Iterable
-from multiprocessing import connection as mpc
-from typing import Any, Optional, overload
+from typing import Any, Optional
 
 import cloudpickle
 
-from . import _transport as tr
-from ._errors import MailboxError, MailboxFull, MessageError, MprocError
+from . import _check, _sender
+from . import _runtime as rt
+from ._errors import MailboxError, MessageError, MprocError
 from ._log import logger as log
-from ._receiver import HEAD, KIND_PICKLE, MP_LEN, MP_LEN64, Mailbox, Msg
+from ._receiver import Msg, Receiver
 
-__all__ = ["Msg", "close_mailbox", "open_mailbox", "receive", "send"]
+__all__ = [
+    "Msg",
+    "close_mailbox",
+    "open_for_children",
+    "open_mailbox",
+    "receive",
+    "send",
+    "send_many",
+]
 
-
-_EMPTY_GROUP_HEAD = HEAD.pack(KIND_PICKLE, 0)
-_SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
-_MAX_LINKS = 128  # open sender connections kept per process (oldest evicted)
 _PLAIN = frozenset({bytes, bytearray, str, int, float, bool, type(None)})
 # cloudpickle's registry of modules to pickle by value; plain pickle ignores it.
 _BY_VALUE: Any = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", ())
@@ -80,156 +75,51 @@ def _dumps(obj: Any) -> bytes:
     return data
 
 
-def _encode_group(group: str) -> bytes:
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a str, got {type(group).__name__}: {group!r}")
-    raw = group.encode("utf-8", "surrogatepass")
-    if len(raw) > 0xFFFF:
-        raise ValueError(f"group name is {len(raw)} bytes long; at most 65535 are allowed")
-    return raw
-
-
-@overload
-def _check_timeout(timeout: float) -> float: ...
-@overload
-def _check_timeout(timeout: None) -> None: ...
-def _check_timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    if timeout < 0:
-        raise ValueError(f"timeout must be >= 0, got {timeout}")
-    return float(timeout)
-
-
-# ---------------------------------------------------------------- sending
-
-
-class _Link:
-    """A sender's persistent connection to one receiver, for one group.
-
-    One connection per (receiver, group): back-pressure is per connection, so
-    a full group must not hold up the sender's messages to other groups.
-    """
-
-    __slots__ = ("conn", "fd", "fd_lock", "lock", "max_frame", "retired", "send_timeout")
-
-    def __init__(self, conn: mpc.Connection, max_frame: int) -> None:
-        self.conn = conn
-        self.fd = conn.fileno()
-        self.max_frame = max_frame  # the receiver's limit, told in the handshake
-        self.lock = threading.Lock()  # held for a whole frame's write
-        self.fd_lock = threading.Lock()  # held while the fd is closed or shut down
-        self.send_timeout = -1.0
-        self.retired = False
-
-    def close(self) -> None:
-        with self.fd_lock:
-            self.conn.close()
-
-    def after_write(self) -> None:
-        """Close the connection if it was retired during the write (lock held)."""
-        if self.retired:
-            self.close()
-
-    def retire(self) -> None:
-        """Close the connection, now or when the thread writing to it is done.
-
-        Closing the fd under a writer would let the kernel hand its number to
-        a new socket, and the writer's frame would go to the wrong process.
-        """
-        self.retired = True
-        if self.lock.acquire(blocking=False):
-            try:
-                self.close()
-            finally:
-                self.lock.release()
-            return
-        # A write is in progress: make it fail now (the writer retries on a
-        # new connection), and leave closing the fd to the writer (after_write).
-        # fd_lock: the writer may have closed it meanwhile, and the number
-        # may name another socket by now.
-        with self.fd_lock:
-            if self.conn.closed:
-                return
-            try:
-                with socket.socket(fileno=os.dup(self.fd)) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+# ---------------------------------------------------------------- state
 
 
 class _State:
     def __init__(self) -> None:
+        self.pid = os.getpid()  # this process (a new _State after fork)
         self.lock = threading.Lock()
-        self.mailbox: Optional[Mailbox] = None
-        self.links: OrderedDict[tuple[int, str], _Link] = OrderedDict()
+        self.receiver: Optional[Receiver] = None
         self.atexit = False
 
 
 _state = _State()
 
 
-def _link(pid: int, group: str, deadline: float) -> tuple[_Link, bool]:
-    """Return the connection to ``pid`` for ``group`` (maybe new) and whether it is new."""
-    state = _state
-    key = (pid, group)
-    link = state.links.get(key)  # a dict read is atomic: no lock on the hot path
-    if link is not None:
-        return link, False
-    try:
-        rt = tr.runtime()
-    except MailboxError as err:
-        raise MailboxError(f"cannot send to PID {pid}: {err}", pid=pid, path=err.path) from err
-    conn, max_frame = tr.connect(rt, pid, deadline)
-    with state.lock:
-        existing = state.links.get(key)
-        if existing is not None:
-            conn.close()
-            return existing, False
-        link = state.links[key] = _Link(conn, max_frame)
-        # Evict the oldest connection: a sender that talks to thousands of PIDs
-        # over time must not run out of file descriptors.
-        evicted = [state.links.popitem(last=False)[1] for _ in range(len(state.links) - _MAX_LINKS)]
-    for old in evicted:
-        old.retire()
-    return link, True
-
-
-def _unlink(key: tuple[int, str], link: _Link) -> None:
-    """Forget and close a broken connection (the caller holds ``link.lock``)."""
-    with _state.lock:
-        if _state.links.get(key) is link:
-            del _state.links[key]
-    link.retired = True
-    link.close()
+# ---------------------------------------------------------------- sending
 
 
 def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
     """Send ``obj`` to the mailbox of process ``pid``.
 
     When this returns, the receiving process holds the message. Messages from one
-    thread to one receiver arrive in order.
+    thread to one receiver and group arrive in the order sent.
 
     Args:
-        pid: the receiving process.
+        pid: the receiving process (this process's own PID opens its own mailbox).
         obj: any object cloudpickle can pickle (lambdas and ``__main__`` classes too).
         group: the receiver's queue to put it in; only ``receive(group)`` sees it.
-        timeout: how long to wait for the mailbox to open and for queue room
-            (default 5 s).
+        timeout: seconds for the whole call — waiting for the mailbox to open,
+            for credit while the group is full, for the write (default 5 s).
 
     Raises:
         NoSuchProcess: ``pid`` does not exist (raised at once).
         MailboxNotFound: ``pid`` opened no mailbox within the timeout.
         MailboxFull: the receiver's queue for ``group`` stayed full past the timeout.
+        MailboxTimeout: the receiver did not read, or answer the handshake, in time.
+        MailboxGone: the receiver went away while sending.
+        HandshakeError: the receiver refused the connection (another key, user or version).
         MessageError: ``obj`` cannot be pickled or is over the frame size limit;
             nothing was sent.
-        MailboxError: the receiver went away, or failed authentication.
     """
-    pid = _check_pid(pid)
-    head, payload = _prepare(obj, group, pid)
-    _send_frame(pid, head, payload, group, timeout)
+    pid = _check.pid(pid, "send")
+    raw = _check.group(group, "send")
+    wait = _check.timeout(timeout, "send")
+    payload = _pickle_for(obj, pid, group)
+    _deliver(pid, raw, group, payload, wait)
 
 
 def send_many(
@@ -243,33 +133,19 @@ def send_many(
     Raises:
         MessageError: ``obj`` cannot be pickled (nothing was sent to anyone).
     """
-    head, payload = _prepare(obj, group)
+    raw = _check.group(group, "send")
+    wait = _check.timeout(timeout, "send")
+    payload = _pickle_for(obj, None, group)
     failures: dict[int, Exception] = {}
     for pid in pids:
         try:
-            _send_frame(_check_pid(pid), head, payload, group, timeout)
+            _deliver(_check.pid(pid, "send"), raw, group, payload, wait)
         except (MprocError, OSError, TypeError, ValueError) as err:
             failures[pid] = err
     return failures
 
 
-def _check_pid(pid: int) -> int:
-    if pid.__class__ is not int:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"send() needs an int PID, got {type(pid).__name__}: {pid!r}")
-        pid = int(pid)
-    if pid <= 0:
-        raise ValueError(f"send() needs a PID > 0, got {pid}")
-    return pid
-
-
-def _prepare(obj: Any, group: str, pid: Optional[int] = None) -> tuple[bytes, bytes]:
-    """Return the frame's head (kind and group) and the pickled payload."""
-    if group == "":
-        head = _EMPTY_GROUP_HEAD
-    else:
-        raw_group = _encode_group(group)
-        head = HEAD.pack(KIND_PICKLE, len(raw_group)) + raw_group
+def _pickle_for(obj: Any, pid: Optional[int], group: str) -> bytes:
     try:
         payload = _dumps(obj)
     except MessageError as err:
@@ -278,8 +154,20 @@ def _prepare(obj: Any, group: str, pid: Optional[int] = None) -> tuple[bytes, by
         raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
             err.__cause__
         )
-    _check_size(len(head) + len(payload), tr.DEFAULT_MAX_FRAME, pid, group, "this process's")
-    return head, payload
+    _check_size(len(payload), rt.DEFAULT_MAX_FRAME, pid, group, "this process's")
+    return payload
+
+
+def _deliver(pid: int, raw: bytes, group: str, payload: bytes, wait: Optional[float]) -> None:
+    if pid == _state.pid:
+        _ensure_open()  # nobody else would open it (also in a freshly forked child)
+    seconds = rt.DEFAULT_TIMEOUT if wait is None else wait
+    try:
+        _sender.deliver(pid, raw, payload, seconds)
+    except MailboxError as err:
+        if err.group is None and err.pid == pid:
+            err.group = group
+        raise
 
 
 def _check_size(size: int, limit: int, pid: Optional[int], group: str, whose: str) -> None:
@@ -293,132 +181,76 @@ def _check_size(size: int, limit: int, pid: Optional[int], group: str, whose: st
         )
 
 
-def _send_frame(
-    pid: int, head: bytes, payload: bytes, group: str, timeout: Optional[float]
+# ---------------------------------------------------------------- the receiving side
+
+
+def open_mailbox(
+    *,
+    max_queue: Optional[int] = None,
+    max_frame: Optional[int] = None,
+    idle_limit: Optional[float] = None,
 ) -> None:
-    wait = tr.DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
-    deadline = 0.0
-    key = (pid, group)
-    while True:
-        link = _state.links.get(key)
-        fresh = False
-        if link is None:
-            if not deadline:
-                deadline = time.monotonic() + wait
-            link, fresh = _link(pid, group, deadline)
-        _check_size(len(head) + len(payload), link.max_frame, pid, group, "the receiver's")
-        # Whoever holds the lock is inside a write() bounded by SO_SNDTIMEO.
-        with link.lock:
-            if link.retired:  # evicted or closed while we waited for it
-                link.close()
-                continue
-            try:
-                # SO_SNDTIMEO bounds each write(): the wait for room in the
-                # receiver's buffer. Set only when it changes (a syscall).
-                if link.send_timeout != wait:
-                    tr.set_timeouts(link.conn.fileno(), send=max(wait, 0.001))
-                    link.send_timeout = wait
-                _write_frame(link.fd, head, payload)
-                link.after_write()
-                return
-            except BlockingIOError as err:
-                # SO_SNDTIMEO ran out: the receiver's buffer stayed full. Part of
-                # the frame may be written, so this connection can carry no more.
-                _unlink(key, link)
-                raise _full(pid, group, wait) from err
-            except OSError as err:
-                _unlink(key, link)
-                if not fresh:
-                    continue  # a cached connection to a mailbox since closed: look again
-                raise MailboxError(
-                    f"the mailbox of PID {pid} went away while sending ({err}); "
-                    "the message was not delivered",
-                    pid=pid,
-                    group=group,
-                ) from err
-
-
-def _write_frame(fd: int, head: bytes, payload: bytes) -> None:
-    """Write one frame exactly as ``Connection.send_bytes(head + payload)`` would.
-
-    The bytes on the wire are multiprocessing's own framing; writing them here
-    saves the Connection's per-call overhead (a third of a small send) and,
-    for large payloads, the copy that concatenating them would cost.
-    """
-    size = len(head) + len(payload)
-    if size < _SMALL_FRAME:
-        data = MP_LEN.pack(size) + head + payload
-        written = os.write(fd, data)
-        if written != len(data):  # a short write: the receiver's buffer was nearly full
-            _write_all(fd, memoryview(data)[written:])
-        return
-    prefix = MP_LEN.pack(size) if size <= 0x7FFFFFFF else MP_LEN.pack(-1) + MP_LEN64.pack(size)
-    _write_all(fd, memoryview(prefix + head))
-    _write_all(fd, memoryview(payload))
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _full(pid: int, group: str, wait: float) -> MailboxFull:
-    return MailboxFull(
-        f"the mailbox of PID {pid} stayed full for {wait:g} s (group {group!r}): "
-        "the receiver is not keeping up; the message was not delivered",
-        pid=pid,
-        group=group,
-    )
-
-
-def open_mailbox(*, max_queue: Optional[int] = None, max_frame: Optional[int] = None) -> None:
     """Open this process's mailbox (idempotent); it normally opens by itself.
 
     Args:
-        max_queue: messages held per group before senders are slowed down
-            (default 10 000); on an open mailbox, changes it.
+        max_queue: messages a group holds ahead of its receivers before senders
+            are slowed down (default 10 000), plus a window of
+            ``min(64, max_queue)`` per sending connection; on an open mailbox,
+            changes it.
         max_frame: the largest message accepted, in bytes (default 1 GiB);
             senders learn it when they connect and refuse larger messages.
+        idle_limit: seconds a sender may stay silent in the middle of a message
+            before it is dropped (default 30).
 
     Raises:
-        ValueError: a limit is not a positive int, or ``max_frame`` differs from
-            that of the mailbox already open (close it first).
-        MailboxError: the runtime directory is unsafe or the socket cannot be made.
+        TypeError, ValueError: a limit is not a positive number, or ``max_frame``
+            differs from that of the mailbox already open (close it first).
+        UnsafeRuntimeDir: the runtime directory is refused.
+        MailboxError: the socket cannot be made, or its threads cannot start.
     """
-    for name, value in (("max_queue", max_queue), ("max_frame", max_frame)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    mailbox = _state.mailbox
-    if mailbox is None:
-        _ensure_open(max_queue or tr.DEFAULT_MAX_QUEUE, max_frame or tr.DEFAULT_MAX_FRAME)
+    if max_queue is not None:
+        _check.positive_int(max_queue, "open_mailbox", "max_queue")
+    if max_frame is not None:
+        _check.positive_int(max_frame, "open_mailbox", "max_frame")
+    if idle_limit is not None:
+        _check.timeout(idle_limit, "open_mailbox", "idle_limit")
+        if idle_limit <= 0:
+            raise ValueError("open_mailbox(): idle_limit must be > 0 seconds")
+    receiver = _state.receiver
+    if receiver is None or receiver.pid != os.getpid():
+        _ensure_open(
+            max_queue or rt.DEFAULT_MAX_QUEUE,
+            max_frame or rt.DEFAULT_MAX_FRAME,
+            idle_limit or rt.DEFAULT_IDLE_LIMIT,
+        )
         return
-    if max_frame is not None and max_frame != mailbox.max_frame:
+    if max_frame is not None and max_frame != receiver.max_frame:
         raise ValueError(
-            f"the mailbox is open with max_frame={mailbox.max_frame}, which its senders "
-            "were told; call close_mailbox() before opening it with another"
+            f"open_mailbox(): the mailbox is open with max_frame={receiver.max_frame}, which "
+            "its senders were told; call close_mailbox() before opening it with another"
         )
     if max_queue is not None:
-        with mailbox.lock:
-            mailbox.max_queue = max_queue
+        receiver.max_queue = max_queue
+    if idle_limit is not None:
+        receiver.idle_limit = idle_limit
 
 
 def _ensure_open(
-    max_queue: int = tr.DEFAULT_MAX_QUEUE, max_frame: int = tr.DEFAULT_MAX_FRAME
-) -> Mailbox:
-    state = _state
-    mailbox = state.mailbox
-    if mailbox is not None:
-        return mailbox
-    rt = tr.runtime()
-    with state.lock:
-        if state.mailbox is None:
-            state.mailbox = Mailbox(rt, max_queue, max_frame)
-            if not state.atexit:
+    max_queue: int = rt.DEFAULT_MAX_QUEUE,
+    max_frame: int = rt.DEFAULT_MAX_FRAME,
+    idle_limit: float = rt.DEFAULT_IDLE_LIMIT,
+) -> Receiver:
+    receiver = _state.receiver
+    if receiver is not None:
+        return receiver
+    runtime = rt.runtime()
+    with _state.lock:
+        if _state.receiver is None:
+            _state.receiver = Receiver(runtime, max_queue, max_frame, idle_limit)
+            if not _state.atexit:
                 atexit.register(close_mailbox)
-                state.atexit = True
-        return state.mailbox
+                _state.atexit = True
+        return _state.receiver
 
 
 def open_for_children() -> None:
@@ -436,17 +268,15 @@ def open_for_children() -> None:
 def close_mailbox() -> None:
     """Close this process's mailbox and its connections; remove its socket file.
 
-    Messages not yet received are discarded. A later ``receive()`` opens a new one.
+    Messages not yet received are discarded; ``receive()`` calls blocked in
+    other threads raise :class:`MailboxClosed`. A later ``receive()`` opens a
+    new mailbox.
     """
-    state = _state
-    with state.lock:
-        mailbox, state.mailbox = state.mailbox, None
-        links = list(state.links.values())
-        state.links.clear()
-    for link in links:
-        link.retire()
-    if mailbox is not None and mailbox.pid == os.getpid():
-        mailbox.close()
+    with _state.lock:
+        receiver, _state.receiver = _state.receiver, None
+    _sender.retire_all()
+    if receiver is not None and receiver.pid == os.getpid():
+        receiver.close()
 
 
 def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
@@ -463,10 +293,11 @@ def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
         ReceiveTimeout: nothing arrived within ``timeout``.
         MessageError: this message cannot be unpickled here (it is consumed; the
             next ``receive()`` works).
-        MailboxError: the mailbox cannot open, or was closed while waiting.
+        MailboxClosed: the mailbox was closed (by this process) while waiting.
+        UnsafeRuntimeDir, MailboxError: the mailbox cannot open.
     """
-    _encode_group(group)
-    wait = _check_timeout(timeout)  # before opening: bad input has no side effect
+    _check.group(group, "receive")
+    wait = _check.timeout(timeout, "receive")  # before opening: bad input has no side effect
     return _ensure_open().get(group, wait)
 
 
@@ -474,11 +305,9 @@ def _after_fork_in_child() -> None:
     global _state
     old = _state
     _state = _State()
-    # Close (never shut down) the inherited sockets: the parent still uses them.
-    for link in old.links.values():
-        link.conn.close()
-    if old.mailbox is not None:
-        old.mailbox.forget_after_fork()
+    _sender.forget_after_fork()
+    if old.receiver is not None:
+        old.receiver.forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,53 +1,101 @@
-"""The receiving side of a mailbox: listener, readers, bounded group queues.
+"""The receiving side of a mailbox: readers, group queues, credit, leadership.
 
-A process's mailbox is a :class:`multiprocessing.connection.Listener` on an
-AF_UNIX socket. Each sender's connection is admitted by a short handshake
-thread (peer uid, HMAC challenge), then read by whoever leads: a thread
-blocked in ``receive()`` reads the sockets itself, so a message costs one
-wake-up; when nobody has received for :data:`_IDLE` seconds a background
-thread reads instead, so up to ``max_queue`` messages per group are held
-before anyone asks. A slow, stalled or hostile peer costs nothing but its
-own connection.
+Three parts, one job each:
 
-Frames are multiprocessing's (``!i`` length, or ``-1`` and ``!Q``) around
-``u8 kind | u16 len(group) | group (UTF-8) | pickle``.
+* **admission** (:mod:`mproc._admission`, its own thread) accepts and
+  authenticates connections and hands each admitted peer to the reader;
+* the **reader** (:class:`_Peer` and the ``_read``/``_parse``/``_route``
+  steps) turns a peer's bytes into messages in per-group queues and grants
+  the peer credit (see :mod:`mproc._wire`) while the group has room;
+* **group queues** (:class:`_Group`) hold messages until ``receive()``.
+
+*Who reads now* is a small state machine (:class:`Reading`): ``NOBODY``,
+``CONSUMER`` (a thread blocked in ``receive()`` reads the sockets itself, so a
+message costs one wake-up) or ``BACKGROUND`` (when nobody has received for
+:data:`_IDLE` seconds, the background thread reads, so messages queue up
+before anyone asks). Leadership is one lock: taking it is becoming the
+reader, releasing it is stepping down and wakes the background thread,
+which takes over if nobody else does. The background thread never polls:
+it sleeps in ``epoll`` while it reads, or on the lock while a consumer does.
+
+**Interrupts.** Python runs signal handlers in the main thread between
+bytecodes, and a handler may raise anywhere in here. So every change of
+shared state is made by one C-level call or one store — ``deque.extend`` of
+an ``islice`` over ``deque.popleft`` moves messages from one deque to
+another with no bytecode in between — and the state between any two such
+steps is consistent for the next reader. A message handed to a
+``receive()`` that is interrupted before it returns stays in that call's
+slot, and the next ``receive()`` of the group puts it back first.
+
+**Order.** A sender reconnects only after closing its old connection
+(:mod:`mproc._sender`); the reader reads a process's connections one after
+the other, the next only when the previous one has ended, so a process's
+messages to a group are received in the order sent.
 """
 
 from __future__ import annotations
 
-import collections
-import multiprocessing
+import enum
+import itertools
 import os
 import pickle
-import selectors
+import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from multiprocessing import connection as mpc
+from functools import partial
 from typing import Any, Optional
 
-from . import _transport as tr
-from ._errors import MailboxError, MessageError, ReceiveTimeout
+from . import _runtime as rt
+from . import _wire as wire
+from ._admission import Admission
+from ._errors import MailboxClosed, MailboxError, MessageError, ReceiveTimeout
 from ._log import logger as log
+from ._wakeup import Wakeup
 
-__all__ = ["Msg"]
+__all__ = ["Msg", "Reading", "Receiver"]
 
-
-HEAD = struct.Struct("!BH")  # kind, length of the group name
-KIND_PICKLE = 0
-MP_LEN = struct.Struct("!i")  # multiprocessing's frame header...
-MP_LEN64 = struct.Struct("!Q")  # ...and its extension for frames over 2 GiB
-_FRAME = struct.Struct("!iBH")  # both headers of a frame under 2 GiB, read at once
 _IDLE = 0.02  # no receive() for this long: the background thread reads
-_ACCEPT_BACKOFF = 0.05  # after a failed accept() (e.g. out of fds)
-_HANDOVER = 0.5  # the most a poll waits for the background reader to step down
-_KEEP_GROUPS = 32  # idle groups kept (with their Condition) before any is dropped
-_BACKGROUND = "background"
-_CONSUMER = "consumer"
-_READ_CHUNK = 1 << 18
-_BIG_FRAME = 1 << 20  # frames this large are read straight into their own buffer
+_ASLEEP_CHECK = 10.0  # see _background_loop
+_HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step down
+# One read() takes at most this much: under glibc's mmap threshold (128 KiB),
+# so the buffer comes from the heap (an mmap + munmap per read costs ~5 µs)...
+_CHUNK = 1 << 16
+# ...except while a large frame comes in: then fewer, larger reads.
+_BIG_CHUNK = 1 << 20
+_KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
+_MSG_KINDS = frozenset({wire.KIND_MSG})
+_SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
+_NOTHING = object()
+_EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
+_EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
+
+# An entry of a group queue: (sender pid, payload, peer, raw group, seq).
+Entry = tuple[int, Any, "_Peer", bytes, int]
+
+
+class Reading(enum.Enum):
+    """Who reads the sockets now (the leadership state machine).
+
+    ``NOBODY`` → ``CONSUMER``: a ``receive()`` finds its group empty and takes
+    the leader lock; ``CONSUMER`` → ``NOBODY``: it has a message (or times
+    out) and steps down. ``NOBODY`` → ``BACKGROUND``: nobody has received for
+    ``_IDLE`` s, or receive() calls wait and nobody reads. ``BACKGROUND`` →
+    ``NOBODY``: a ``receive()`` asked to read itself (``lead_request``).
+    """
+
+    NOBODY = "nobody"
+    CONSUMER = "consumer"
+    BACKGROUND = "background"
+
+
+# Module constants: storing one runs no Python code (no signal handler).
+_NOBODY = Reading.NOBODY
+_CONSUMER = Reading.CONSUMER
+_BACKGROUND = Reading.BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -68,493 +116,744 @@ class Msg:
 
 
 class _Group:
-    __slots__ = ("cond", "paused", "queue", "users", "waiting")
+    __slots__ = ("name", "orphans", "queue", "raw", "receivers", "starved", "waiters")
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self.queue: collections.deque[tuple[int, Any]] = collections.deque()
-        self.cond = threading.Condition(lock)
-        self.waiting = 0  # receivers blocked on cond
-        self.users = 0  # receivers inside get() for this group, leader included
-        self.paused: list[_Peer] = []
+    def __init__(self, name: str, raw: bytes) -> None:
+        self.name = name
+        self.raw = raw
+        self.queue: deque[Entry] = deque()
+        self.waiters: list[Any] = []  # locks of receive() calls asleep on this group
+        self.orphans: list[_Slot] = []  # slots of interrupted receive() calls
+        self.starved: dict[_Peer, None] = {}  # peers refused credit while full
+        self.receivers: dict[_Slot, None] = {}  # receive() calls inside (never pruned then)
+
+
+class _Slot:
+    """Where one ``receive()`` holds the message it took until it returns it."""
+
+    __slots__ = ("consumed", "items")
+
+    def __init__(self) -> None:
+        self.items: list[Entry] = []
+        self.consumed = False
+
+
+class _In:
+    """A peer's input, replaced whole by one store when frames are cut out of it."""
+
+    __slots__ = ("chunks", "need", "pending")
+
+    def __init__(self, chunks: deque[bytes], pending: deque[Entry], need: int) -> None:
+        self.chunks = chunks  # bytes read and not yet parsed (b"" marks EOF)
+        self.pending = pending  # parsed messages not yet in their group queue
+        self.need = need  # bytes the next frame needs in all (0: unknown)
 
 
 class _Peer:
-    """One sender's connection as the I/O thread sees it."""
+    """One sender's connection, as the reader sees it."""
 
-    __slots__ = ("active", "big", "big_got", "buf", "conn", "fd", "pending", "pid")
+    __slots__ = (
+        "active",
+        "big_reader",
+        "dead",
+        "fd",
+        "granted",
+        "inp",
+        "last_seq",
+        "names",
+        "pid",
+        "progress",
+        "reader",
+        "sock",
+        "successor",
+    )
 
-    def __init__(self, conn: mpc.Connection, pid: int) -> None:
-        self.conn = conn
-        self.fd = conn.fileno()
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
         self.pid = pid
-        self.buf = bytearray()
-        self.big: Optional[bytearray] = None  # a large frame being read in place
-        self.big_got = 0
-        self.pending: list[tuple[str, Any]] = []  # parsed, waiting for queue room
-        self.active = False  # registered with the selector (not paused)
+        # Calls os.read until the iterator is dropped (None never matches):
+        # extending a deque from it records every byte read in C.
+        self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
+        self.big_reader = iter(partial(os.read, self.fd, _BIG_CHUNK), None)
+        self.inp = _In(deque(), deque(), 0)
+        self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
+        self.granted: dict[bytes, int] = {}  # group -> the limit we last sent
+        self.names: dict[bytes, str] = {}
+        self.successor: Optional[_Peer] = None  # this process's next connection
+        self.active = False  # registered with epoll
+        self.dead = False
+        self.progress = time.monotonic()
 
 
-class Mailbox:
-    """The receiving side of this process: listener, readers, group queues.
+class Receiver:
+    """This process's mailbox: the listener, the readers and the group queues."""
 
-    Reading is leader/follower: a thread blocked in ``receive()`` reads the
-    sockets itself (one wake-up per message, as a plain pipe read would), and
-    threads waiting for other groups are handed what it reads. When nobody has
-    been receiving for :data:`_IDLE` seconds, a background thread takes over
-    the reading, so senders can queue up to ``max_queue`` messages per group
-    before anyone calls ``receive()`` (gproc's behaviour).
-    """
+    def __init__(
+        self,
+        runtime: rt.Runtime,
+        max_queue: int,
+        max_frame: int,
+        idle_limit: float = rt.DEFAULT_IDLE_LIMIT,
+    ) -> None:
+        from multiprocessing import connection as mpc
 
-    def __init__(self, rt: tr.Runtime, max_queue: int, max_frame: int) -> None:
         self.pid = os.getpid()
         self.max_queue = max_queue
         self.max_frame = max_frame
-        self.rt = rt
-        tr.remove_stale(rt)
-        self.path = tr.socket_path(rt, self.pid, tr.proc_identity(self.pid) or "0")
+        self.window = min(rt.DEFAULT_WINDOW, max_queue)
+        self.idle_limit = idle_limit
+        rt.remove_stale(runtime)
+        self.path = rt.socket_path(runtime, self.pid, rt.proc_identity(self.pid) or "0")
         try:
             os.unlink(self.path)  # ours by name; left by a close that never ran
         except FileNotFoundError:
             pass
         try:
-            self.listener = mpc.Listener(self.path, family="AF_UNIX", backlog=512)
+            self.listener = mpc.Listener(self.path, family="AF_UNIX", backlog=1024)
         except OSError as err:
             raise MailboxError(
                 f"cannot open the mailbox socket {self.path}: {err}", path=self.path
             ) from err
-        self.lock = threading.Lock()
+        lsock = getattr(getattr(self.listener, "_listener", None), "_socket", None)
+        if not isinstance(lsock, socket.socket):  # pragma: no cover - CPython internals moved
+            self.listener.close()
+            raise MailboxError("this Python's multiprocessing.connection.Listener is unsupported")
+        self.lock = threading.Lock()  # short critical sections only; never held while blocking
         self.groups: dict[str, _Group] = {}
-        self.peers: dict[int, _Peer] = {}
-        self.new_peers: list[_Peer] = []
+        self.by_raw: dict[bytes, _Group] = {}
+        self.peers: dict[int, _Peer] = {}  # fd -> the active (read) peers
+        self.by_pid: dict[int, _Peer] = {}  # pid -> the connection read now
+        self.new_peers: deque[_Peer] = deque()  # admitted, not yet seen by a reader
+        self.dying: deque[_Peer] = deque()  # being dropped (finished by any reader)
+        self.owed: deque[_Peer] = deque()  # credit that did not fit: wait until writable
+        self.partial: dict[_Peer, None] = {}  # peers in the middle of a frame
+        self.prune_at = _KEEP_GROUPS
+        self.sleepers: list[Any] = []  # every receive() asleep, to wake at a step-down
         self.closed = False
-        self.resume_asked = False
-        # Who reads the sockets now: None, _BACKGROUND or _CONSUMER.
-        self.leader: Optional[str] = None
-        self.background_yield = False
+        self.reading = _NOBODY  # which kind of reader holds leader_lock (set by the holder)
+        # Leadership. An RLock, for _release_save(): a C call that releases it
+        # if this thread holds it and raises otherwise, so a finally clause can
+        # release it with no bytecode that could run a signal handler first.
+        self.leader_lock = threading.RLock()
+        self.lead_request = 0.0  # when a receive() last asked the background to yield
         self.last_consumer = time.monotonic()
-        self.leader_cond = threading.Condition(self.lock)  # close() waits on it
-        self.background_cond = threading.Condition(self.lock)
-        self.scratch = bytearray(_READ_CHUNK)
-        self.selector = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)  # written under the lock: must never block
-        self.wake_open = True
-        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.doorbell = threading.Lock()  # held; the background sleeps by taking it
+        self.doorbell.acquire()
+        self.bg_asleep = False  # the background sleeps with no timer: ring at step-down
+        self.unfinished: dict[_Peer, None] = {}  # peers whose bytes a reader began on
+        self.epoll = select.epoll()
+        self.wakeup = Wakeup()
+        self.epoll.register(self.wakeup.fileno(), _EPOLLIN)
+        self.admission = Admission(
+            lsock, runtime.key, self.path, wire.hello(max_frame, self.window), self._on_admit
+        )
         self.background = threading.Thread(
             target=self._background_loop, name="mproc-mailbox-reader", daemon=True
         )
-        self.accept_thread = threading.Thread(
-            target=self._accept_loop, name="mproc-mailbox-accept", daemon=True
-        )
-        self.background.start()
-        self.accept_thread.start()
-
-    def _is_closed(self) -> bool:
-        return self.closed
-
-    # -- accepting
-
-    def _accept_loop(self) -> None:
-        while not self._is_closed():
-            try:
-                conn = self.listener.accept()
-            except OSError as err:
-                if self._is_closed():
-                    return
-                log.debug("mailbox %s: accept failed: %r", self.path, err)
-                # E.g. EMFILE: the pending connection stays; don't spin on it.
-                time.sleep(_ACCEPT_BACKOFF)
-                continue
-            if self._is_closed():
-                conn.close()
-                return
-            threading.Thread(
-                target=self._admit, args=(conn,), name="mproc-mailbox-handshake", daemon=True
-            ).start()
-
-    def _admit(self, conn: mpc.Connection) -> None:
-        """Check the peer's uid, run the HMAC handshake, then hand it to the readers."""
-        pid = -1
         try:
-            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                pid, uid = tr.peer_credentials(sock)
-            if uid != os.getuid():
-                log.debug("mailbox %s: refused PID %d: uid %d is not ours", self.path, pid, uid)
-                conn.close()
-                return
-            tr.handshake_server(conn, self.rt.key)
-            tr.set_timeouts(conn.fileno(), recv=0, send=0)
-        except (OSError, EOFError, multiprocessing.AuthenticationError) as err:
-            log.debug("mailbox %s: refused PID %d: handshake failed: %r", self.path, pid, err)
-            conn.close()
-            return
-        with self.lock:
-            if self.closed:
-                conn.close()
-                return
-            self.new_peers.append(_Peer(conn, pid))
-            self._wake()
-        # Only now, with the peer known to the readers, may it start sending:
-        # whatever send() it then completes, the next receive() must find.
-        try:
-            tr.send_hello(conn, self.max_frame)
-        except OSError as err:
-            log.debug("mailbox %s: PID %d left during the handshake: %r", self.path, pid, err)
+            self.admission.start()
+            self.background.start()
+        except RuntimeError as err:  # can't start new thread (task limit)
+            self.close()
+            raise MailboxError(
+                f"cannot open the mailbox {self.path}: cannot start its threads ({err})",
+                path=self.path,
+            ) from err
 
-    def _wake(self) -> None:
-        """Wake whoever reads (lock held: close() closes the pipe under it)."""
-        if not self.wake_open:
-            return
-        try:
-            os.write(self.wake_w, b"w")
-        except OSError:
-            pass  # a full pipe wakes the reader just as well
+    # ---------------------------------------------------------------- admission
 
-    # -- leadership
-
-    def _background_loop(self) -> None:
-        while True:
-            with self.lock:
-                while True:
-                    if self.closed:
-                        return
-                    idle = time.monotonic() - self.last_consumer
-                    waiting = any(g.waiting for g in self.groups.values())
-                    if self.leader is None and idle >= _IDLE and not waiting:
-                        self.leader = _BACKGROUND
-                        self.background_yield = False
-                        break
-                    # Checked now and then, never woken per message.
-                    self.background_cond.wait(_IDLE if self.leader else max(_IDLE - idle, 0.001))
-            try:
-                while not self.background_yield and not self.closed:
-                    self._pump(None)
-            except Exception:
-                log.exception("mailbox %s: reader failed", self.path)
-            finally:
-                with self.lock:
-                    self._step_down()
-
-    def _step_down(self) -> None:
-        """Give up reading (lock held): let one waiting receiver lead instead."""
-        self.leader = None
+    def _on_admit(self, sock: socket.socket, pid: int) -> bool:
+        """Take an admitted peer (admission thread); the reader picks it up at once."""
         if self.closed:
-            self.leader_cond.notify_all()
-        for g in self.groups.values():
-            if g.waiting:
-                g.cond.notify()
+            return False
+        self.new_peers.append(_Peer(sock, pid))
+        self.wakeup.wake()
+        return True
 
-    # -- reading (only the leader runs these)
-
-    def _pump(self, timeout: Optional[float]) -> None:
-        for key, _ in self.selector.select(timeout):
-            if key.data is None:
-                self._on_wake()
+    def _take_new_peers(self) -> None:
+        while self.new_peers:
+            peer = self.new_peers[0]
+            head = self.by_pid.get(peer.pid)
+            if head is None or head.dead or head is peer:
+                self._activate(peer)
             else:
-                self._serve(key.data)
+                # Read this connection only after the process's earlier one has
+                # ended: its messages were sent after everything on that one.
+                tail = head
+                while tail.successor is not None and tail.successor is not peer:
+                    tail = tail.successor
+                tail.successor = peer
+            self.new_peers.popleft()
 
-    def _serve(self, peer: _Peer) -> None:
-        try:
-            self._on_readable(peer)
-        except Exception:
-            # A bug or a hostile peer must cost only that peer.
-            log.exception("mailbox %s: error serving PID %d", self.path, peer.pid)
-            self._drop(peer, "internal error")
-
-    def _on_wake(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self.lock:
-            if self.closed:
-                return
-            new, self.new_peers = self.new_peers, []
-            self.resume_asked = False
-            paused = [p for g in self.groups.values() for p in g.paused]
-        for peer in new:
-            os.set_blocking(peer.fd, False)
-            self.peers[peer.fd] = peer
-            self._resume(peer)
-            self._serve(peer)  # it may have sent already: read it now
-        for peer in paused:
-            if self._deliver(peer, []):
-                self._resume(peer)
-
-    def _pause(self, peer: _Peer) -> None:
-        if peer.active:
-            self.selector.unregister(peer.fd)
-            peer.active = False
-
-    def _resume(self, peer: _Peer) -> None:
+    def _activate(self, peer: _Peer) -> None:
+        self.by_pid[peer.pid] = peer
+        self.peers[peer.fd] = peer
         if not peer.active:
-            self.selector.register(peer.fd, selectors.EVENT_READ, peer)
+            try:
+                self.epoll.register(peer.fd, _EPOLLIN)
+            except FileExistsError:
+                pass
             peer.active = True
 
+    # ---------------------------------------------------------------- reading
+
+    def _pump(self, timeout: Optional[float]) -> None:
+        """Wait for and handle one batch of events (the caller leads).
+
+        It first finishes what an interrupted reader left: control work (a
+        wake-up already drained), bytes read and not yet parsed or routed.
+        """
+        if self.new_peers or self.dying or self.owed:
+            self._on_wake()
+        if self.unfinished:
+            for left in list(self.unfinished):
+                self._digest(left)
+        if self.partial:
+            self._expire_stalled()
+            timeout = self.idle_limit / 4 if timeout is None else min(timeout, self.idle_limit / 4)
+        events = self.epoll.poll(-1 if timeout is None else timeout)
+        for fd, mask in events:
+            peer = self.peers.get(fd)
+            if peer is None:
+                if fd == self.wakeup.fileno():
+                    self.wakeup.drain()
+                    self._on_wake()
+                continue
+            if mask & _EPOLLOUT:
+                self._regrant_all(peer)
+            if mask & ~_EPOLLOUT:
+                self._on_readable(peer)
+
+    def _on_wake(self) -> None:
+        if self.dying:
+            self._finish_drops()
+        if self.new_peers:
+            self._take_new_peers()
+        while self.owed:
+            peer = self.owed[0]
+            if not peer.dead and peer.active:
+                try:
+                    self.epoll.modify(peer.fd, _EPOLLIN | _EPOLLOUT)
+                except OSError:
+                    pass
+            self.owed.popleft()
+
     def _on_readable(self, peer: _Peer) -> None:
+        inp = peer.inp
+        # Marked before the read: if a signal handler raises after it, the
+        # next reader digests these bytes (epoll would not report them again).
+        self.unfinished[peer] = None
         try:
-            if peer.big is not None:
-                n = os.readv(peer.fd, [memoryview(peer.big)[peer.big_got :]])
-            else:
-                n = os.readv(peer.fd, [self.scratch])
+            reader = peer.big_reader if inp.need > _BIG_CHUNK else peer.reader
+            inp.chunks.extend(itertools.islice(reader, 1))
         except BlockingIOError:
-            return
+            pass
         except OSError as err:
             self._drop(peer, f"read failed: {err!r}")
             return
-        if n == 0:
-            if peer.buf or peer.big is not None:
+        self._digest(peer)
+
+    def _digest(self, peer: _Peer) -> None:
+        """Parse and route what the peer sent; drop it on EOF or a bad frame."""
+        if peer.dead:
+            self.unfinished.pop(peer, None)
+            return
+        inp = peer.inp
+        eof = bool(inp.chunks) and not inp.chunks[-1]
+        bad = self._parse(peer)
+        self._route(peer)
+        self.unfinished.pop(peer, None)
+        if bad:
+            self._drop(peer, bad)
+        elif eof:
+            if peer.inp.chunks:
                 self._drop(peer, "connection closed in the middle of a message (truncated frame)")
             else:
                 self._drop(peer, "", quiet=True)
-            return
-        if peer.big is None:
-            peer.buf += memoryview(self.scratch)[:n]
-            self._parse(peer)
-            return
-        peer.big_got += n
-        if peer.big_got < len(peer.big):
-            return
-        frame, peer.big = peer.big, None
-        _kind, glen = HEAD.unpack_from(frame)
-        group = frame[3 : 3 + glen].decode("utf-8", "surrogatepass")
-        # The buffer belongs to this one frame: hand out a view, not a copy.
-        if not self._deliver(peer, [(group, memoryview(frame)[3 + glen :])]):
-            self._pause(peer)
 
-    def _parse(self, peer: _Peer) -> None:
-        """Cut every complete frame out of the peer's buffer and queue it."""
-        buf = peer.buf
-        end = len(buf)
-        pos = 0
-        items: list[tuple[str, Any]] = []
-        bad = ""
-        unpack = _FRAME.unpack_from
-        while end - pos >= _FRAME.size:
-            size, kind, glen = unpack(buf, pos)
-            head = 4
-            if size == -1:
-                if end - pos < 12 + HEAD.size:
-                    break
-                (size,) = MP_LEN64.unpack_from(buf, pos + 4)
-                kind, glen = HEAD.unpack_from(buf, pos + 12)
-                head = 12
-            if size < HEAD.size + glen or size > self.max_frame:
-                bad = f"bad frame size {size} (limit {self.max_frame})"
-                break
-            if kind != KIND_PICKLE:
-                bad = f"unknown frame kind {kind}"
-                break
-            stop = pos + head + size
-            if stop > end:
-                if size >= _BIG_FRAME:
-                    # Read the rest straight into a buffer of its own (one copy).
-                    big = bytearray(size)
-                    have = end - pos - head
-                    big[:have] = buf[pos + head : end]
-                    peer.big, peer.big_got = big, have
-                    pos = end
-                break
-            start = pos + head + HEAD.size
+    def _parse(self, peer: _Peer) -> str:
+        """Cut the complete frames out of the peer's bytes; return what was bad, if anything."""
+        inp = peer.inp
+        chunks = inp.chunks
+        if not chunks:
+            return ""
+        if len(chunks) == 1 and not inp.pending:
+            # The common case, one small frame in one read: cut it out directly.
+            data = chunks[0]
+            if len(data) > _SMALL.size:
+                size, kind, glen, seq = _SMALL.unpack_from(data)
+                start = _SMALL.size + glen
+                if (
+                    size + 4 == len(data)
+                    and kind == wire.KIND_MSG
+                    and wire.HEAD.size + glen <= size <= self.max_frame
+                ):
+                    entry = (
+                        peer.pid,
+                        memoryview(data)[start:],
+                        peer,
+                        data[_SMALL.size : start],
+                        seq,
+                    )
+                    peer.inp = _In(deque(), deque((entry,)), 0)  # one store commits it
+                    return ""
+        if inp.need and sum(map(len, chunks)) < inp.need:
+            return ""  # the rest of a large frame has not arrived yet
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        frames, used, need, bad = wire.parse(data, self.max_frame, _MSG_KINDS)
+        if not frames and not bad and len(chunks) == 1 and need == inp.need:
+            return ""
+        pid = peer.pid
+        entries = [(pid, payload, peer, group, seq) for _k, group, seq, payload in frames]
+        rest = bytes(data[used:]) if used < len(data) and not bad else b""
+        pending = inp.pending
+        if entries:
+            pending = deque(pending)
+            pending.extend(entries)
+        # One store publishes the new input: a signal landing before it left
+        # the old one whole, and nothing of it was changed.
+        peer.inp = _In(deque((rest,)) if rest else deque(), pending, need)
+        if rest:
+            if rest != bytes(data) or not inp.chunks or peer not in self.partial:
+                peer.progress = time.monotonic()
+            self.partial[peer] = None
+        elif peer in self.partial:
+            del self.partial[peer]
+        return f"sent {bad}" if bad else ""
+
+    def _route(self, peer: _Peer) -> None:
+        """Move the peer's parsed messages into their group queues, granting credit."""
+        pending = peer.inp.pending
+        take = pending.popleft
+        while pending:
+            raw = pending[0][3]
+            k = 1
+            n = len(pending)
+            while k < n and pending[k][3] == raw:
+                k += 1
+            last = pending[k - 1][4]
+            if last >= peer.granted.get(raw, self.window):
+                self._drop(peer, "sent more than its credit (a protocol violation)")
+                return
+            g = self.by_raw.get(raw)
+            if g is None:
+                g = self._new_group(raw, peer)
+            # One C call moves the run: no bytecode runs between taking a
+            # message from the peer and putting it in the group.
+            g.queue.extend(itertools.islice(iter(take, _NOTHING), k))
+            peer.last_seq[raw] = last
+            if g.waiters:
+                self._wake(g)
+            if len(g.queue) < self.max_queue:
+                self._grant(peer, raw)
+            else:
+                g.starved[peer] = None
+
+    def _new_group(self, raw: bytes, peer: _Peer) -> _Group:
+        name = peer.names.get(raw)
+        if name is None:
             try:
-                group = buf[start : start + glen].decode("utf-8", "surrogatepass") if glen else ""
+                name = raw.decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
-                bad = "a group name that is not UTF-8"
-                break
-            # A slice is a copy: the payload must outlive the reused buffer.
-            items.append((group, buf[start + glen : stop]))
-            pos = stop
-        del buf[:pos]
-        # What came before a bad frame was sent in good faith: deliver it.
-        if items and not self._deliver(peer, items):
-            self._pause(peer)
-        if bad:
-            self._drop(peer, bad)
+                name = raw.decode("utf-8", "backslashreplace")
+            peer.names[raw] = name
+        return self._group(name, raw)
 
-    def _deliver(self, peer: _Peer, items: list[tuple[str, Any]]) -> bool:
-        """Queue the peer's pending and new messages; stop at a full group.
-
-        Returns:
-            whether everything was queued (else the peer must be paused).
-        """
-        todo = peer.pending + items if peer.pending else items
-        with self.lock:
-            for i, (group, payload) in enumerate(todo):
-                g = self.groups.get(group)
+    def _group(self, name: str, raw: Optional[bytes] = None) -> _Group:
+        g = self.groups.get(name)
+        if g is None:
+            if raw is None:
+                raw = name.encode("utf-8", "surrogatepass")
+            with self.lock:
+                g = self.groups.get(name)
                 if g is None:
-                    g = self.groups[group] = _Group(self.lock)
-                if len(g.queue) >= self.max_queue:
-                    peer.pending = todo[i:]
-                    if peer not in g.paused:
-                        g.paused.append(peer)
-                    return False
-                g.queue.append((peer.pid, payload))
-                if g.waiting:
-                    g.cond.notify()
-                if g.paused and peer in g.paused:
-                    g.paused.remove(peer)
-            peer.pending = []
-            return True
+                    g = _Group(name, raw)
+                    self.groups[name] = g
+                # Also after an interrupted _prune() (which forgets by_raw first).
+                self.by_raw.setdefault(g.raw, g)
+        return g
+
+    def _prune(self) -> None:
+        """Forget idle groups (one per request id adds up); only the reader may."""
+        if len(self.groups) <= self.prune_at:
+            return
+        with self.lock:
+            for name, g in list(self.groups.items()):
+                if not (g.queue or g.waiters or g.orphans or g.starved or g.receivers):
+                    # by_raw first: an interrupt between leaves a group that
+                    # _group() finds again, never one that routing fills alone.
+                    if self.by_raw.get(g.raw) is g:
+                        del self.by_raw[g.raw]
+                    del self.groups[name]
+            self.prune_at = max(_KEEP_GROUPS, 2 * len(self.groups))
+
+    # ---------------------------------------------------------------- credit
+
+    def _grant(self, peer: _Peer, raw: bytes) -> None:
+        """Send the peer a new credit limit for the group if it moved far enough."""
+        limit = peer.last_seq.get(raw, -1) + 1 + self.window
+        if limit - peer.granted.get(raw, self.window) < max(1, self.window // 2):
+            return
+        if peer.dead:
+            return
+        try:
+            # A small write to an AF_UNIX stream socket is all or nothing, and
+            # a CREDIT names a limit, not an increment: sending it twice is harmless.
+            os.write(peer.fd, wire.credit(raw, limit))
+        except BlockingIOError:
+            self.owed.append(peer)  # the sender is not reading: wait until it does
+            self.wakeup.wake()
+            return
+        except OSError:
+            return  # the reader sees the error on the next read
+        if limit > peer.granted.get(raw, 0):
+            peer.granted[raw] = limit
+
+    def _regrant_all(self, peer: _Peer) -> None:
+        """The peer became writable: send every credit it was owed."""
+        try:
+            self.epoll.modify(peer.fd, _EPOLLIN)
+        except OSError:
+            pass
+        for raw in list(peer.last_seq):
+            g = self.by_raw.get(raw)
+            if g is not None and len(g.queue) < self.max_queue:
+                self._grant(peer, raw)
+
+    def _release_starved(self, g: _Group) -> None:
+        """A receive() made room in a full group: let its starved senders go on."""
+        if len(g.queue) >= self.max_queue:
+            return
+        for peer in list(g.starved):
+            self._grant(peer, g.raw)
+            g.starved.pop(peer, None)  # after the grant: an interrupt between repeats it
+
+    # ---------------------------------------------------------------- dropping
 
     def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
         if not quiet:
             log.debug("mailbox %s: dropped peer PID %d: %s", self.path, peer.pid, why)
-        self.peers.pop(peer.fd, None)
-        self._pause(peer)
-        with self.lock:
-            for g in self.groups.values():
-                if peer in g.paused:
-                    g.paused.remove(peer)
-        peer.conn.close()
+        peer.dead = True
+        self.dying.append(peer)
+        self._finish_drops()
 
-    # -- the consumer side
+    def _finish_drops(self) -> None:
+        """Finish dropping peers; every step may be done twice (an interrupt between)."""
+        while self.dying:
+            peer = self.dying[0]
+            if peer.active:
+                try:
+                    self.epoll.unregister(peer.fd)
+                except (OSError, ValueError):
+                    pass
+                peer.active = False
+            if self.peers.get(peer.fd) is peer:
+                del self.peers[peer.fd]
+            if peer in self.partial:
+                del self.partial[peer]
+            if self.by_pid.get(peer.pid) is peer:
+                nxt = peer.successor
+                while nxt is not None and nxt.dead:
+                    nxt = nxt.successor
+                if nxt is None:
+                    del self.by_pid[peer.pid]
+                else:
+                    self._activate(nxt)
+            peer.sock.close()
+            self.dying.popleft()
+
+    def _expire_stalled(self) -> None:
+        limit = time.monotonic() - self.idle_limit
+        for peer in [p for p in self.partial if p.progress < limit]:
+            self._drop(
+                peer, f"silent for {self.idle_limit:g} s in the middle of a message (idle limit)"
+            )
+
+    # ---------------------------------------------------------------- leadership
+
+    def _ring(self) -> None:
+        """Wake the background thread if it sleeps with no timer."""
+        if self.bg_asleep:
+            _release(self.doorbell)
+
+    def _wake_sleepers(self) -> None:
+        sleepers, self.sleepers = self.sleepers, []
+        for w in sleepers:
+            _release(w)
+
+    def _wake(self, g: _Group) -> None:
+        waiters, g.waiters = g.waiters, []
+        for w in waiters:
+            _release(w)
+
+    def _background_loop(self) -> None:
+        """Read when nobody else does; otherwise sleep.
+
+        While a receive() reads, this thread sleeps on the doorbell, rung when
+        that reader steps down (and, should an interrupt have cost that ring,
+        it looks again after :data:`_ASLEEP_CHECK` seconds); right after a
+        step-down it naps for :data:`_IDLE` (a receive() in a loop leads again
+        within microseconds) and takes over only if nobody did.
+        """
+        try:
+            while not self.closed:
+                now = time.monotonic()
+                recent = now - self.last_consumer
+                if recent < _IDLE and not self.sleepers:
+                    self.doorbell.acquire(True, _IDLE - recent)
+                    continue
+                asked = now - self.lead_request
+                if asked < _IDLE:
+                    self.doorbell.acquire(True, _IDLE - asked)  # a receive() is about to lead
+                    continue
+                if self.leader_lock.acquire(False):
+                    try:
+                        self._lead_in_background(now)
+                    finally:
+                        self.reading = _NOBODY
+                        self.leader_lock.release()
+                    self._wake_sleepers()
+                    continue
+                # A receive() reads: sleep until it steps down and rings.
+                self.bg_asleep = True
+                if self.leader_lock.acquire(False):  # it stepped down meanwhile
+                    self.leader_lock.release()
+                else:
+                    self.doorbell.acquire(True, _ASLEEP_CHECK)
+                self.bg_asleep = False
+        except Exception:  # pragma: no cover - a bug: log it, never die silently
+            log.exception("mailbox %s: the background reader failed", self.path)
+
+    def _lead_in_background(self, since: float) -> None:
+        self.reading = _BACKGROUND
+        self._wake_sleepers()  # anyone asleep re-checks its group now
+        while not self.closed and self.lead_request <= since:
+            try:
+                self._pump(None)
+            except Exception:
+                log.exception("mailbox %s: reader error", self.path)
+
+    # ---------------------------------------------------------------- consuming
 
     def get(self, group: str, timeout: Optional[float]) -> Msg:
+        """Take the next message of ``group``, reading or waiting for it.
+
+        Raises:
+            ReceiveTimeout, MailboxClosed, MessageError: see :func:`mproc.receive`.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.lock:
-            g = self.groups.get(group)
-            if g is None:
-                g = self.groups[group] = _Group(self.lock)
-            # A receiver is active: the background reader must not take the
-            # reading over (and must hand it back if it has it).
-            self.last_consumer = time.monotonic()
-            g.users += 1
-            try:
-                sender, payload = self._take(g, group, timeout, deadline)
-            finally:
-                g.users -= 1
-                # Keep a few idle groups (and their Condition) for reuse; drop
-                # idle ones only when there are many, e.g. one per request id.
-                if not g.users and not g.queue and not g.paused and len(self.groups) > _KEEP_GROUPS:
-                    del self.groups[group]
+        slot = _Slot()
+        g: Optional[_Group] = None
         try:
-            data = pickle.loads(payload)
-        except Exception as err:
-            raise MessageError(
-                f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
-                pid=sender,
-                group=group,
-            ) from err
-        return Msg(sender, self.pid, group, data)
+            while True:
+                g = self._group(group)
+                g.receivers[slot] = None  # a group in use is never pruned
+                if self.groups.get(group) is g:
+                    break
+                g.receivers.pop(slot, None)  # pruned just now: take the new one
+            self._take(g, slot, timeout, deadline)
+            sender, payload, _peer, _raw, _seq = slot.items[0]
+            if g.starved:
+                self._release_starved(g)
+            try:
+                data = pickle.loads(payload)
+            except Exception as err:
+                slot.consumed = True  # SPEC: that message is consumed; the next works
+                raise MessageError(
+                    f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
+                    pid=sender,
+                    group=group,
+                ) from err
+            msg = Msg(sender, self.pid, group, data)
+            g.receivers.pop(slot, None)
+            # Nothing that can run a signal handler comes after this point:
+            # no finally clause, no call (either could replace the return).
+            return msg
+        except BaseException:
+            # No call runs before this append: a message taken and not
+            # returned goes back to its group (the next receive() puts it first).
+            if slot.items and not slot.consumed and g is not None:
+                g.orphans.append(slot)
+            if g is not None:
+                g.receivers.pop(slot, None)
+            raise
 
     def _take(
-        self, g: _Group, group: str, timeout: Optional[float], deadline: Optional[float]
-    ) -> tuple[int, Any]:
-        """Pop the group's next message (lock held), reading or waiting for it."""
-        read_once = False  # this call has read the sockets itself
-        handed = False  # ...or has asked the background reader to hand over
+        self, g: _Group, slot: _Slot, timeout: Optional[float], deadline: Optional[float]
+    ) -> None:
+        items = slot.items
+        led = False  # this call has read the sockets itself
+        asked = False  # ...or asked the background reader to hand over
         while True:
+            if g.orphans:
+                self._recover(g)
             if g.queue:
-                break
+                try:
+                    items.extend(itertools.islice(iter(g.queue.popleft, _NOTHING), 1))
+                except IndexError:  # another thread took the last one
+                    pass
+                if items:
+                    return
             if self.closed:
-                raise MailboxError(
-                    f"the mailbox of PID {self.pid} was closed while receiving (group {group!r})",
+                raise MailboxClosed(
+                    f"the mailbox of PID {self.pid} was closed while receiving (group {g.name!r})",
                     pid=self.pid,
-                    group=group,
+                    group=g.name,
                     path=self.path,
                 )
             remaining = None if deadline is None else deadline - time.monotonic()
             expired = remaining is not None and remaining <= 0
-            # Even receive(timeout=0) reads once (or has the background reader
-            # hand over first): a message whose send() returned is ours, if
-            # still in the socket buffer. A receiving thread reads at once.
-            if expired and (
-                read_once or self.leader == _CONSUMER or (handed and self.leader is not None)
-            ):
+            if expired and (led or self.reading is _CONSUMER or asked):
                 raise ReceiveTimeout(
-                    f"no message for group {group!r} arrived within {timeout:g} s (PID {self.pid})",
+                    f"no message for group {g.name!r} arrived within {timeout:g} s "
+                    f"(PID {self.pid})",
                     pid=self.pid,
-                    group=group,
+                    group=g.name,
                 )
-            if self.leader is None:
-                self.leader = _CONSUMER
-                read_once = True
-                self.lock.release()
-                try:
-                    self._pump(None if remaining is None else max(remaining, 0))
-                finally:
-                    self.lock.acquire()
-                    self.last_consumer = time.monotonic()
-                    self._step_down()
-                continue
-            if self.leader == _BACKGROUND and not self.background_yield:
-                # Take the reading over from the background thread, which must
-                # then not take it back at once (it would, were we "idle").
-                self.background_yield = True
-                self.last_consumer = time.monotonic()
-                self._wake()
-            if expired:
-                handed = True
-                remaining = _HANDOVER  # it steps down (and notifies) at once
-            g.waiting += 1
+            if self.leader_lock._is_owned():  # type: ignore[attr-defined]
+                raise RuntimeError(
+                    "receive() was called (from a signal handler?) while this thread was "
+                    "already inside receive(); the mailbox cannot be read re-entrantly"
+                )
+            leading = False
             try:
-                g.cond.wait(remaining)
+                if self.leader_lock.acquire(False):
+                    leading = led = True
+                    self.reading = _CONSUMER
+                    if not g.queue:
+                        self._pump(None if remaining is None else max(remaining, 0.0))
+                    self._prune()
+                    self.reading = _NOBODY
             finally:
-                g.waiting -= 1
-        item: tuple[int, Any] = g.queue.popleft()
-        if g.paused and not self.resume_asked and len(g.queue) <= self.max_queue // 2:
-            self.resume_asked = True
-            self._wake()
-        return item
+                # First call of the clause: whatever raised above, and wherever,
+                # the lock is released if this thread took it.
+                try:
+                    self.leader_lock._release_save()  # type: ignore[attr-defined]
+                except RuntimeError:
+                    pass
+            if leading:
+                self.last_consumer = time.monotonic()
+                self._ring()
+                self._wake_sleepers()
+                continue
+            if self.reading is _BACKGROUND:
+                self.lead_request = time.monotonic()
+                self.wakeup.wake()
+            if expired:
+                asked = True
+                remaining = _HANDOVER  # the background steps down at once
+            self._sleep(g, remaining)
+
+    def _sleep(self, g: _Group, timeout: Optional[float]) -> None:
+        w = threading.Lock()
+        w.acquire()
+        g.waiters.append(w)
+        self.sleepers.append(w)
+        try:
+            # Checked after registering: a message or a step-down before it
+            # would otherwise wake nobody.
+            if g.queue or g.orphans or self.closed:
+                return
+            if self.reading is _NOBODY:
+                # Nobody reads, or a reader is just taking or leaving the lock:
+                # look again in a moment rather than spin against it.
+                timeout = 0.001 if timeout is None else min(timeout, 0.001)
+            w.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            _discard(g.waiters, w)
+            _discard(self.sleepers, w)
+
+    def _recover(self, g: _Group) -> None:
+        """Put messages of interrupted receive() calls back at the front, in order."""
+        with self.lock:
+            for slot in reversed(g.orphans):
+                try:
+                    g.queue.extendleft(itertools.islice(iter(slot.items.pop, _NOTHING), 1))
+                except IndexError:  # recovered already
+                    pass
+            g.orphans = [s for s in g.orphans if s.items]
+
+    def depths(self) -> dict[str, int]:
+        """Messages queued per group (orphans of interrupted calls included)."""
+        return {
+            name: len(g.queue) + sum(len(s.items) for s in g.orphans)
+            for name, g in list(self.groups.items())
+            if g.queue or g.orphans
+        }
+
+    # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
+        """Close: stop admitting, wake every receive(), close every connection."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            for g in self.groups.values():
-                g.cond.notify_all()
-            self.background_cond.notify_all()
-            self._wake()
-            # Whoever is reading returns from select() on the wake-up and steps down.
-            if self.leader is not None:
-                self.leader_cond.wait_for(lambda: self.leader is None, timeout=5)
-            new, self.new_peers = self.new_peers, []
-        self._stop_accepting()
-        for thread in (self.accept_thread, self.background):
-            if thread is not threading.current_thread():
-                thread.join(timeout=5)
+        self.admission.close()
+        self.wakeup.wake()
+        self._wake_sleepers()
+        for g in list(self.groups.values()):
+            self._wake(g)
+        _release(self.doorbell)
+        # The reader returns from epoll on the wake-up and steps down.
+        got = self.leader_lock.acquire(True, 5.0)
+        try:
+            self._close_peers()
+            self.epoll.close()
+            self.wakeup.close()
+        finally:
+            if got:
+                self.leader_lock.release()
+        if self.background.is_alive() and self.background is not threading.current_thread():
+            _release(self.doorbell)
+            self.background.join(timeout=5.0)
         try:
             self.listener.close()  # also unlinks the socket file
-        except FileNotFoundError:
-            pass  # removed already (multiprocessing's exit finalizer, or a person)
-        for peer in list(self.peers.values()) + new:
-            peer.conn.close()
-        self.peers.clear()
-        self.selector.close()
-        with self.lock:  # _wake() writes under it
-            self.wake_open = False
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-
-    def _stop_accepting(self) -> None:
-        """Wake the accept thread, which is blocked in accept()."""
-        # Closing a socket does not interrupt accept() in another thread on
-        # Linux, but shutdown() does. multiprocessing keeps the socket private;
-        # without it, knock on the door (which needs the socket file).
-        sock = getattr(getattr(self.listener, "_listener", None), "_socket", None)
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                return
-            except OSError:
-                pass
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
-                knock.settimeout(1.0)
-                knock.connect(self.path)
         except OSError:
-            pass
+            pass  # removed already (multiprocessing's exit finalizer, or a person)
+
+    def _close_peers(self) -> None:
+        seen: list[_Peer] = list(self.peers.values()) + list(self.new_peers)
+        seen += list(self.dying)
+        for peer in list(self.by_pid.values()):
+            nxt = peer.successor
+            while nxt is not None:
+                seen.append(nxt)
+                nxt = nxt.successor
+        for peer in seen:
+            peer.dead = True
+            peer.sock.close()
+        self.peers.clear()
+        self.by_pid.clear()
+        self.new_peers.clear()
 
     def forget_after_fork(self) -> None:
         """Drop the parent's mailbox in a forked child without touching the parent's."""
-        for peer in list(self.peers.values()) + self.new_peers:
-            peer.conn.close()
+        self.admission.forget_after_fork()
+        for peer in list(self.peers.values()) + list(self.new_peers):
+            peer.sock.close()
+        for peer in list(self.by_pid.values()):
+            nxt = peer.successor
+            while nxt is not None:
+                nxt.sock.close()
+                nxt = nxt.successor
         # multiprocessing's unlink finalizer checks the PID, so this leaves the
         # parent's socket file alone.
         self.listener.close()
-        self.selector.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        self.epoll.close()
+        self.wakeup.close()
+
+
+def _release(w: Any) -> None:
+    try:
+        w.release()
+    except RuntimeError:  # released already (woken twice)
+        pass
+
+
+def _discard(items: list[Any], w: Any) -> None:
+    try:
+        items.remove(w)
+    except ValueError:
+        pass

@@ -1,0 +1,302 @@
+"""Where mailboxes live and who may talk to them: runtime dir, key file, socket names.
+
+Everything here is about *where* a mailbox lives and *who* may talk to it;
+:mod:`mproc._wire` says what is said, :mod:`mproc._sender` and
+:mod:`mproc._receiver` say it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import psutil
+
+from ._errors import MailboxError, UnsafeRuntimeDir
+
+__all__ = [
+    "DEFAULT_IDLE_LIMIT",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WINDOW",
+    "HANDSHAKE_TIMEOUT",
+    "Runtime",
+    "peer_credentials",
+    "proc_identity",
+    "remove_stale",
+    "runtime",
+    "runtime_dir",
+    "socket_path",
+]
+
+#: The environment variable that names the runtime directory.
+ENV_RUNTIME_DIR = "MPROC_RUNTIME_DIR"
+#: A send() waits this long for a mailbox to open, or for queue space.
+DEFAULT_TIMEOUT = 5.0
+#: Messages waiting per group before senders are slowed down (gproc's default).
+DEFAULT_MAX_QUEUE = 10_000
+#: The largest frame a mailbox accepts (and a sender will produce).
+DEFAULT_MAX_FRAME = 1 << 30
+#: How long a peer may take over the whole handshake before it is dropped.
+HANDSHAKE_TIMEOUT = 5.0
+#: What a sender grants the handshake at least, even with send(timeout=0).
+HANDSHAKE_MIN = 1.0
+#: Messages per group a sender may send ahead of the receiver's credit.
+DEFAULT_WINDOW = 64
+#: A peer silent for this long in the middle of a frame is dropped.
+DEFAULT_IDLE_LIMIT = 30.0
+
+# sun_path is 108 bytes on Linux, 104 on the BSDs and macOS; one byte is the NUL.
+_SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
+_KEY_NAME = "key"
+_SOCK_SUFFIX = ".sock"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A validated runtime directory and the per-user secret that guards it."""
+
+    directory: str
+    key: bytes
+
+
+# The key per runtime directory, keyed by the directory's identity too, so a
+# directory that was deleted and made again is checked and keyed again.
+_runtime_cache: dict[tuple[str, int, int], Runtime] = {}
+
+
+def runtime_dir() -> str:
+    """Return the runtime directory this process uses now (not checked, not created)."""
+    explicit = os.environ.get(ENV_RUNTIME_DIR)
+    if explicit:
+        return os.path.abspath(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "mproc")
+    return os.path.join(tempfile.gettempdir(), f"mproc-{os.getuid()}")
+
+
+def _check_dir(path: str) -> os.stat_result:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as err:
+        raise MailboxError(
+            f"cannot create the mailbox runtime directory {path}: {err.strerror}; "
+            "set MPROC_RUNTIME_DIR to a directory you own",
+            path=path,
+        ) from err
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeRuntimeDir(
+            f"refusing the mailbox runtime directory {path}: it is a symlink", path=path
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRuntimeDir(
+            f"refusing the mailbox runtime directory {path}: it is not a directory", path=path
+        )
+    if st.st_uid != os.getuid():
+        raise UnsafeRuntimeDir(
+            f"refusing the mailbox runtime directory {path}: it is owned by uid "
+            f"{st.st_uid}, not by you (uid {os.getuid()})",
+            path=path,
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeRuntimeDir(
+            f"refusing the mailbox runtime directory {path}: it is writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run chmod 700 on it",
+            path=path,
+        )
+    return st
+
+
+def _read_key(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # ELOOP: a symlink; EISDIR...
+        raise UnsafeRuntimeDir(
+            f"refusing the mailbox key file {path}: {err.strerror}; it must be a regular "
+            "file owned by you with mode 600 (delete it to have a new one made)",
+            path=path,
+        ) from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeRuntimeDir(
+                f"refusing the mailbox key file {path}: it is not a regular file", path=path
+            )
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise UnsafeRuntimeDir(
+                f"refusing the mailbox key file {path}: it must be owned by you "
+                f"with mode 600 (it has uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})",
+                path=path,
+            )
+        key = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(key) < 32:
+        raise UnsafeRuntimeDir(
+            f"the mailbox key file {path} is truncated ({len(key)} bytes); delete it", path=path
+        )
+    return key
+
+
+def _load_key(directory: str) -> bytes:
+    path = os.path.join(directory, _KEY_NAME)
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    # Write a private temp file, then link() it into place: link fails with
+    # EEXIST if another process won the race, and nobody ever sees a partial key.
+    fd, tmp = tempfile.mkstemp(prefix=".key-", dir=directory)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+        os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return _read_key(path)
+
+
+def runtime() -> Runtime:
+    """Return the validated runtime directory and key, creating them if needed.
+
+    Raises:
+        UnsafeRuntimeDir: the directory is refused (symlink, foreign owner, writable
+            by others, too long for an AF_UNIX path) or so is its key file.
+        MailboxError: the directory cannot be created, or AF_UNIX is missing.
+    """
+    if not hasattr(socket, "AF_UNIX"):
+        raise MailboxError("the mproc mailbox needs AF_UNIX sockets, which this platform lacks")
+    directory = runtime_dir()
+    # The longest name we make: "<pid>.<start>.sock" with 10 + 20 digits.
+    longest = len(os.fsencode(directory)) + 1 + 10 + 1 + 20 + len(_SOCK_SUFFIX)
+    if longest > _SUN_PATH_MAX:
+        raise UnsafeRuntimeDir(
+            f"the mailbox runtime directory {directory} is too long for an AF_UNIX socket "
+            f"path (at most {_SUN_PATH_MAX} bytes in all); set MPROC_RUNTIME_DIR to a "
+            "shorter directory",
+            path=directory,
+        )
+    st = _check_dir(directory)
+    ident = (directory, st.st_dev, st.st_ino)
+    rt = _runtime_cache.get(ident)
+    if rt is None:
+        rt = _runtime_cache[ident] = Runtime(directory, _load_key(directory))
+    return rt
+
+
+def proc_identity(pid: int) -> Optional[str]:
+    """Return a token naming process ``pid`` for its lifetime, or ``None`` if it is gone.
+
+    The token is the process's start time (clock ticks since boot on Linux), so a
+    later process that reuses the PID gets a different one. A zombie counts as gone.
+    """
+    if _HAVE_PROC:
+        return _proc_stat_identity(pid)
+    return _psutil_identity(pid)
+
+
+_HAVE_PROC = sys.platform.startswith("linux")
+
+
+def _proc_stat_identity(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as err:
+        if err.errno in (errno.ESRCH, errno.ENOENT):
+            return None
+        raise
+    # The command name is in parentheses and may contain spaces or ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()
+
+
+def _psutil_identity(pid: int) -> Optional[str]:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return str(int(proc.create_time() * 1_000_000))
+    except psutil.NoSuchProcess:
+        return None
+
+
+def socket_path(rt: Runtime, pid: int, identity: str) -> str:
+    """Return the socket path of the mailbox of process ``pid`` with start token ``identity``."""
+    return os.path.join(rt.directory, f"{pid}.{identity}{_SOCK_SUFFIX}")
+
+
+def parse_socket_name(name: str) -> Optional[tuple[int, str]]:
+    """Return ``(pid, identity)`` for a mailbox socket file name, else ``None``."""
+    if not name.endswith(_SOCK_SUFFIX):
+        return None
+    pid_text, _, identity = name[: -len(_SOCK_SUFFIX)].partition(".")
+    if not pid_text.isdigit() or not identity:
+        return None
+    return int(pid_text), identity
+
+
+def remove_stale(rt: Runtime) -> list[str]:
+    """Remove socket files of processes that are gone or whose PID was reused.
+
+    Returns:
+        The paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(rt.directory)
+    except OSError:
+        return removed
+    for name in names:
+        parsed = parse_socket_name(name)
+        if parsed is None:
+            continue
+        pid, identity = parsed
+        if proc_identity(pid) != identity:
+            path = os.path.join(rt.directory, name)
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+if sys.platform.startswith("linux"):
+    _PEERCRED = struct.Struct("3i")
+
+    def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+        """Return ``(pid, uid)`` of the process at the other end of ``sock`` (SO_PEERCRED)."""
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, _gid = _PEERCRED.unpack(raw)
+        return pid, uid
+
+else:  # pragma: no cover - exercised on macOS/BSD only
+    _LOCAL_PEERPID = 0x002  # <sys/un.h>, SOL_LOCAL level 0
+
+    def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+        """Return ``(pid, uid)`` of the process at the other end of ``sock``."""
+        pid = struct.unpack("i", sock.getsockopt(0, _LOCAL_PEERPID, 4))[0]
+        # getpeereid() is what Python lacks; psutil reads the uid of the pid instead.
+        uid = psutil.Process(pid).uids().real
+        return pid, uid

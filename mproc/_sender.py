@@ -1,0 +1,509 @@
+"""The sending side of the mailbox: one connection per receiver, credit flow control.
+
+A process keeps one authenticated connection (a :class:`Link`) per
+receiving process, whatever the number of groups, and reuses it (at most
+:data:`MAX_LINKS`; idle ones are evicted oldest first). A message to a new
+group costs what a message to a known one costs: the group travels in the
+frame and every group starts with the receiver's whole window of credit.
+
+Interrupts: a link is *dirty* from the first byte written (or read) of a
+frame until the frame is complete. An exception that escapes in between —
+a ``KeyboardInterrupt`` from a signal handler included — leaves it dirty,
+and the next thread to take the link closes it instead of writing after a
+half frame. The receiver drops the partial frame at the end of that
+connection and reads this process's next connection only after it, so
+order holds across the reconnect.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from typing import Optional
+
+from . import _runtime as rt
+from . import _wire as wire
+from ._errors import (
+    HandshakeError,
+    MailboxError,
+    MailboxFull,
+    MailboxGone,
+    MailboxNotFound,
+    MailboxTimeout,
+    MessageError,
+    NoSuchProcess,
+)
+
+__all__ = ["MAX_LINKS", "Link", "deliver", "forget_after_fork", "retire_all"]
+
+#: Connections kept open per process; idle ones beyond this are closed, oldest first.
+MAX_LINKS = 128
+_SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
+_SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
+_CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
+_CREDIT_KINDS = frozenset({wire.KIND_CREDIT})
+
+
+class _Retry(Exception):
+    """The link died under us before anything of this message was written."""
+
+
+class Link:
+    """A sender's connection to one receiving process."""
+
+    __slots__ = (
+        "dead",
+        "dirty",
+        "fd",
+        "inbuf",
+        "limits",
+        "lock",
+        "max_frame",
+        "path",
+        "pid",
+        "seqs",
+        "sndtimeo",
+        "sock",
+        "window",
+    )
+
+    def __init__(self, sock: socket.socket, pid: int, path: str, max_frame: int, window: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid = pid
+        self.path = path
+        self.max_frame = max_frame  # the receiver's limit, told in its HELLO
+        self.window = window  # the credit every group starts with
+        # Held while the socket is written or read. An RLock for _release_save():
+        # a finally clause can release it with no bytecode before (see _send_on).
+        self.lock = threading.RLock()
+        self.seqs: dict[bytes, int] = {}  # group -> seq of its next message
+        self.limits: dict[bytes, int] = {}  # group -> first seq not yet allowed
+        self.inbuf = bytearray()  # received bytes of an incomplete CREDIT frame
+        self.dirty = False  # a frame was begun and not finished: never reuse
+        self.dead = False
+        self.sndtimeo = -1.0
+
+    def close(self) -> None:
+        """Close the socket (the caller holds :attr:`lock`, or nobody else can)."""
+        self.dead = True
+        self.sock.close()
+
+
+class _Links:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_pid: OrderedDict[int, Link] = OrderedDict()
+
+
+_links = _Links()
+
+
+def deliver(pid: int, group: bytes, payload: bytes, timeout: float) -> None:
+    """Send one pickled message to ``pid`` and return when the receiver holds it.
+
+    Args:
+        pid: the receiving process.
+        group: the raw group name.
+        payload: the pickled object.
+        timeout: seconds for the whole call: finding the mailbox, the
+            handshake, waiting for credit, writing.
+
+    Raises:
+        NoSuchProcess, MailboxNotFound, MailboxFull, MailboxTimeout, MailboxGone,
+        HandshakeError, MessageError: see :func:`mproc.send`.
+    """
+    deadline = time.monotonic() + timeout
+    retried = False
+    while True:
+        link, fresh = _get(pid, deadline)
+        size = wire.HEAD.size + len(group) + len(payload)
+        if size > link.max_frame:
+            raise MessageError(
+                f"the message to PID {pid} (group {_show(group)!r}) is {size} bytes, over "
+                f"the receiver's {link.max_frame}-byte frame limit; nothing was sent",
+                pid=pid,
+                group=_show(group),
+            )
+        try:
+            _send_on(link, group, payload, deadline, timeout)
+            return
+        except _Retry:
+            # A cached connection that had died (the receiver closed and
+            # reopened its mailbox, say): one more try on a new one.
+            if fresh or retried:
+                raise MailboxGone(
+                    f"the mailbox of PID {pid} went away while sending (group "
+                    f"{_show(group)}); the message was not delivered",
+                    pid=pid,
+                    group=_show(group),
+                    path=link.path,
+                ) from None
+            retried = True
+
+
+def _show(group: bytes) -> str:
+    return group.decode("utf-8", "surrogatepass")
+
+
+def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout: float) -> None:
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            # Inside the try: a signal handler raising right after the
+            # acquire must still release it (in the finally clause).
+            if not (link.lock.acquire(False) or link.lock.acquire(True, max(remaining, 0.001))):
+                raise MailboxTimeout(
+                    f"another thread of this process kept the connection to PID {link.pid} "
+                    f"busy for {timeout:g} s (the receiver is not reading); the message was "
+                    "not delivered",
+                    pid=link.pid,
+                    group=_show(group),
+                )
+            if link.dead or link.dirty:
+                _retire(link)
+                raise _Retry
+            seq = link.seqs.get(group, 0)
+            limit = link.limits.get(group, link.window)
+            # Credit comes every half window: look for it now and then, and
+            # always before waiting (a non-blocking read).
+            if seq >= limit or (limit - seq <= link.window // 2 and not seq % 8):
+                _read_credits(link)
+                limit = link.limits.get(group, link.window)
+            if seq < limit:
+                _write_msg(link, group, seq, payload, deadline, timeout)
+                return
+        finally:
+            # The first call of the clause; raises if this thread does not hold it.
+            try:
+                link.lock._release_save()  # type: ignore[attr-defined]
+            except RuntimeError:
+                pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MailboxFull(
+                f"the mailbox of PID {link.pid} stayed full for {timeout:g} s (group "
+                f"{_show(group)!r}): its receiver is not keeping up; the message was not "
+                "delivered",
+                pid=link.pid,
+                group=_show(group),
+            )
+        # Wait for a CREDIT frame without holding the lock, so that other
+        # threads keep sending to other groups meanwhile. A closed and reused
+        # fd number only wakes us early: the link is checked under the lock.
+        poller = select.poll()
+        poller.register(link.fd, select.POLLIN)
+        poller.poll(min(remaining, _CREDIT_SLICE) * 1000)
+
+
+def _write_msg(
+    link: Link, group: bytes, seq: int, payload: bytes, deadline: float, timeout: float
+) -> None:
+    """Write one MSG frame (lock held); on any failure the link is left dirty."""
+    wait = max(deadline - time.monotonic(), 0.001)
+    if abs(link.sndtimeo - wait) > 0.05:
+        _set_sndtimeo(link.sock, wait)
+        link.sndtimeo = wait
+    link.dirty = True
+    try:
+        size = wire.HEAD.size + len(group) + len(payload)
+        if size < _SMALL_FRAME:
+            data = _SMALL_HEAD.pack(size, wire.KIND_MSG, len(group), seq) + group + payload
+            written = os.write(link.fd, data)
+            if written != len(data):  # the receiver's buffer was nearly full
+                _write_all(link.fd, memoryview(data)[written:])
+        else:
+            _write_all(link.fd, memoryview(wire.msg_prefix(group, seq, len(payload))))
+            _write_all(link.fd, memoryview(payload))
+    except BlockingIOError as err:  # SO_SNDTIMEO ran out in the middle of the frame
+        _retire(link)
+        raise MailboxTimeout(
+            f"the mailbox of PID {link.pid} did not read for {timeout:g} s (is it "
+            "stopped?); the message was not delivered",
+            pid=link.pid,
+            group=_show(group),
+        ) from err
+    except OSError as err:
+        _retire(link)
+        raise _Retry from err
+    link.seqs[group] = seq + 1
+    link.dirty = False
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
+    sec = int(seconds)
+    usec = max(int((seconds - sec) * 1_000_000), 1 if sec == 0 else 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(sec, usec))
+
+
+def _timeval(sec: int, usec: int) -> bytes:
+    return struct.pack("ll", sec, usec)
+
+
+def _read_credits(link: Link) -> None:
+    """Take every CREDIT frame that has arrived, without blocking (lock held)."""
+    link.dirty = True
+    while True:
+        try:
+            data = link.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as err:
+            _retire(link)
+            raise _Retry from err
+        if not data:  # EOF: the receiver closed the connection
+            _retire(link)
+            raise _Retry
+        link.inbuf += data
+        # A copy to parse: views into inbuf would keep it from shrinking.
+        frames, used, _need, bad = wire.parse(bytes(link.inbuf), 1 << 20, _CREDIT_KINDS)
+        for _kind, group, limit, _payload in frames:
+            if limit > link.limits.get(group, link.window):
+                link.limits[group] = limit
+        del link.inbuf[:used]
+        if bad:
+            _retire(link)
+            raise HandshakeError(
+                f"the mailbox of PID {link.pid} sent {bad}; closing the connection",
+                pid=link.pid,
+                path=link.path,
+            )
+    link.dirty = False
+
+
+def _retire(link: Link) -> None:
+    """Forget and close a link (its lock held by the caller)."""
+    with _links.lock:
+        if _links.by_pid.get(link.pid) is link:
+            del _links.by_pid[link.pid]
+    link.close()
+
+
+def _get(pid: int, deadline: float) -> tuple[Link, bool]:
+    link = _links.by_pid.get(pid)  # a dict read is atomic: no lock on the hot path
+    if link is not None and not link.dead:
+        return link, False
+    new = _connect(pid, deadline)
+    with _links.lock:
+        existing = _links.by_pid.get(pid)
+        if existing is not None and not existing.dead:
+            new.close()  # another thread won: its connection is the one
+            return existing, False
+        _links.by_pid[pid] = new
+        excess = list(_links.by_pid.values())[: max(len(_links.by_pid) - MAX_LINKS, 0)]
+    # Only links nobody is using are evicted: closing one under a writer would
+    # let the kernel hand its fd number to a new socket mid-frame.
+    for old in excess:
+        try:
+            if old.lock.acquire(False):
+                with _links.lock:
+                    if _links.by_pid.get(old.pid) is old:
+                        del _links.by_pid[old.pid]
+                old.close()
+        finally:
+            try:
+                old.lock._release_save()  # type: ignore[attr-defined]
+            except RuntimeError:
+                pass
+    return new, True
+
+
+def retire_all() -> None:
+    """Close every link (``close_mailbox()``); links in use close when their writer is done."""
+    with _links.lock:
+        links = list(_links.by_pid.values())
+        _links.by_pid.clear()
+    for link in links:
+        if link.lock.acquire(timeout=5.0):
+            try:
+                link.close()
+            finally:
+                link.lock.release()
+        else:
+            link.dirty = True  # its writer closes it (never reused)
+
+
+def forget_after_fork() -> None:
+    """In a forked child: close (never shut down) the parent's links, share nothing."""
+    global _links
+    old, _links = _links, _Links()
+    for link in old.by_pid.values():
+        link.sock.close()
+
+
+# ---------------------------------------------------------------- connecting
+
+
+def _connect(pid: int, deadline: float) -> Link:
+    """Open an authenticated connection to the mailbox of ``pid``, waiting for it to open."""
+    runtime = rt.runtime()
+    delay = 0.0005
+    while True:
+        identity = rt.proc_identity(pid)
+        if identity is None:
+            raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
+        path = rt.socket_path(runtime, pid, identity)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        except OSError as err:
+            sock.close()
+            raise MailboxError(
+                f"cannot connect to the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
+            ) from err
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            try:
+                return _handshake(sock, runtime, pid, path, deadline)
+            except BaseException:
+                sock.close()
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MailboxNotFound(
+                f"PID {pid} is alive but has no open mailbox at {path}; it opens one with "
+                "mproc.receive() or mproc.open_mailbox()",
+                pid=pid,
+                path=path,
+            )
+        # The receiver's start-up is usually a few ms: poll the file with back-off.
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def _handshake(
+    sock: socket.socket, runtime: rt.Runtime, pid: int, path: str, deadline: float
+) -> Link:
+    try:
+        peer_pid, peer_uid = rt.peer_credentials(sock)
+    except OSError as err:
+        raise MailboxError(f"cannot identify the mailbox at {path}: {err}", path=path) from err
+    if peer_uid != os.getuid() or peer_pid != pid:
+        raise HandshakeError(
+            f"the mailbox socket {path} is held by PID {peer_pid} of uid {peer_uid}; "
+            f"only PID {pid} of uid {os.getuid()} (you) may hold it; refusing to send",
+            pid=pid,
+            path=path,
+        )
+    # The mailbox is there: give the handshake a fair chance even when the
+    # caller's deadline is (nearly) spent, e.g. send(timeout=0).
+    budget = min(max(deadline - time.monotonic(), rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
+    io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
+    key = runtime.key
+    # multiprocessing's order: the client answers first, then challenges.
+    io.send(wire.answer(key, io.recv("its challenge")))
+    if io.recv("its verdict on our key") != wire.WELCOME:
+        raise HandshakeError(
+            f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
+            "file (is MPROC_RUNTIME_DIR the same for both processes?)",
+            pid=pid,
+            path=path,
+        )
+    mine = wire.challenge()
+    io.send(mine)
+    if not wire.verify(key, mine, io.recv("the answer to our challenge")):
+        io.send(wire.FAILURE)
+        raise HandshakeError(
+            f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
+            pid=pid,
+            path=path,
+        )
+    io.send(wire.WELCOME)
+    io.sock.sendall(wire.hello())
+    try:
+        _version, max_frame, window = wire.parse_hello(io.recv("its HELLO"))
+    except ValueError as err:
+        raise HandshakeError(
+            f"the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
+        ) from err
+    sock.settimeout(None)
+    return Link(sock, pid, path, max_frame, max(window, 1))
+
+
+class _Blocking:
+    """Handshake frames over a blocking socket, all within one deadline."""
+
+    def __init__(
+        self, sock: socket.socket, deadline: float, pid: int, path: str, budget: float
+    ) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.pid = pid
+        self.path = path
+        self.budget = budget
+
+    def _arm(self, waiting_for: str) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._timeout(waiting_for)
+        self.sock.settimeout(remaining)
+
+    def _timeout(self, waiting_for: str) -> MailboxTimeout:
+        return MailboxTimeout(
+            f"the mailbox of PID {self.pid} at {self.path} did not answer the handshake "
+            f"within {self.budget:g} s (waiting for {waiting_for}); it may be stopped or "
+            "overloaded",
+            pid=self.pid,
+            path=self.path,
+        )
+
+    def send(self, body: bytes) -> None:
+        self._arm("room to write")
+        try:
+            self.sock.sendall(wire.frame(body))
+        except socket.timeout as err:
+            raise self._timeout("room to write") from err
+        except OSError as err:
+            raise self._refused(err) from err
+
+    def recv(self, waiting_for: str) -> bytes:
+        head = self._exactly(wire.LEN.size, waiting_for)
+        (size,) = wire.LEN.unpack(head)
+        if not 0 < size <= wire.MAX_HANDSHAKE_FRAME:
+            raise HandshakeError(
+                f"the mailbox of PID {self.pid} at {self.path} sent a {size}-byte handshake "
+                "frame: it is not an mproc mailbox of this version",
+                pid=self.pid,
+                path=self.path,
+            )
+        return self._exactly(size, waiting_for)
+
+    def _exactly(self, n: int, waiting_for: str) -> bytes:
+        data = b""
+        while len(data) < n:
+            self._arm(waiting_for)
+            try:
+                chunk = self.sock.recv(n - len(data))
+            except socket.timeout as err:
+                raise self._timeout(waiting_for) from err
+            except OSError as err:
+                raise self._refused(err) from err
+            if not chunk:
+                raise self._refused(None)
+            data += chunk
+        return data
+
+    def _refused(self, err: Optional[OSError]) -> HandshakeError:
+        why = "closed the connection" if err is None else f"failed ({err})"
+        return HandshakeError(
+            f"the mailbox of PID {self.pid} at {self.path} {why} during the handshake: it "
+            "uses another key (another MPROC_RUNTIME_DIR?), refused our uid, or is "
+            "closing",
+            pid=self.pid,
+            path=self.path,
+        )

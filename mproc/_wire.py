@@ -1,0 +1,210 @@
+"""The mailbox's wire format, both directions side by side.
+
+Every frame is framed as :meth:`multiprocessing.connection.Connection.send_bytes`
+frames it: a ``!i`` length (or ``-1`` and a ``!Q`` length over 2 GiB), then
+the body. A body starts with one byte, its *kind*:
+
+=========  ==================  ===================================================
+kind       direction           body after the kind byte
+=========  ==================  ===================================================
+``MSG``    sender → receiver   ``!H`` group length, ``!Q`` seq, group, pickle
+``CREDIT`` receiver → sender   ``!H`` group length, ``!Q`` limit, group
+``HELLO``  both                ``!H`` protocol, ``!Q`` max frame, ``!I`` window
+=========  ==================  ===================================================
+
+*Flow control* is credit-based, per (connection, group), as HTTP/2 streams
+and AMQP 1.0 links do it: the sender numbers its messages of each group on
+a connection ``0, 1, 2, …`` and may send ``seq`` only while
+``seq < limit``; the limit starts at the *window* the receiver announced in
+its HELLO and each CREDIT frame raises it. A CREDIT carries the new limit
+itself, not an increment, so a credit sent twice, or a stale one, does no
+harm (the sender keeps the largest).
+
+*Handshake*, before any of that, is the ``multiprocessing.connection`` HMAC
+challenge in both directions (``#CHALLENGE#``, ``#WELCOME#``, ``#FAILURE#``),
+with the ``{sha256}`` digest prefix of Python 3.12's protocol on every Python
+version, then one HELLO each way. The receiver checks the protocol version
+in the sender's HELLO, the sender in the receiver's: a mismatch is refused
+with a message naming both versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from typing import Optional, Union
+
+__all__ = [
+    "CHALLENGE",
+    "FAILURE",
+    "HEAD",
+    "HELLO",
+    "KIND_CREDIT",
+    "KIND_HELLO",
+    "KIND_MSG",
+    "LEN",
+    "LEN64",
+    "PROTOCOL",
+    "WELCOME",
+    "answer",
+    "challenge",
+    "credit",
+    "frame",
+    "hello",
+    "msg_prefix",
+    "parse",
+    "parse_hello",
+    "verify",
+]
+
+#: Bumped whenever a frame changes meaning; both sides check it in the HELLO.
+PROTOCOL = 2
+
+KIND_MSG = 1
+KIND_CREDIT = 2
+KIND_HELLO = 3
+
+LEN = struct.Struct("!i")  # multiprocessing's frame length...
+LEN64 = struct.Struct("!Q")  # ...and its extension past 2 GiB
+HEAD = struct.Struct("!BHQ")  # kind, group length, seq (MSG) or limit (CREDIT)
+HELLO = struct.Struct("!BHQI")  # kind, protocol, max frame, window
+_SMALL = struct.Struct("!iBHQ")  # a short frame's length and head, read at once
+
+CHALLENGE = b"#CHALLENGE#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+_DIGEST = b"{sha256}"
+_NONCE = 32
+#: The longest handshake frame either side accepts.
+MAX_HANDSHAKE_FRAME = 256
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+# ---------------------------------------------------------------- framing
+
+
+def frame(body: bytes) -> bytes:
+    """``body`` with its length prefix, as ``Connection.send_bytes`` writes it."""
+    if len(body) > 0x7FFFFFFF:
+        return LEN.pack(-1) + LEN64.pack(len(body)) + body
+    return LEN.pack(len(body)) + body
+
+
+def msg_prefix(group: bytes, seq: int, payload_size: int) -> bytes:
+    """The bytes of a MSG frame that come before its payload (length, head, group)."""
+    size = HEAD.size + len(group) + payload_size
+    head = HEAD.pack(KIND_MSG, len(group), seq) + group
+    if size > 0x7FFFFFFF:
+        return LEN.pack(-1) + LEN64.pack(size) + head
+    return LEN.pack(size) + head
+
+
+def credit(group: bytes, limit: int) -> bytes:
+    """A whole CREDIT frame: the sender may send ``group``'s messages with seq < ``limit``."""
+    return frame(HEAD.pack(KIND_CREDIT, len(group), limit) + group)
+
+
+def hello(max_frame: int = 0, window: int = 0) -> bytes:
+    """A whole HELLO frame (the sender's carries only the protocol version)."""
+    return frame(HELLO.pack(KIND_HELLO, PROTOCOL, max_frame, window))
+
+
+def parse_hello(body: Buffer) -> tuple[int, int, int]:
+    """Return ``(protocol, max_frame, window)`` of a HELLO body.
+
+    Raises:
+        ValueError: not a HELLO, or of another protocol version (the message
+            names both versions).
+    """
+    if len(body) < 1 or body[0] != KIND_HELLO:
+        raise ValueError("expected a HELLO frame after the handshake")
+    if len(body) < 3:
+        raise ValueError("truncated HELLO frame")
+    version = int.from_bytes(bytes(body[1:3]), "big")
+    if version != PROTOCOL or len(body) != HELLO.size:
+        raise ValueError(
+            f"the peer speaks mproc mailbox protocol {version}, this process speaks "
+            f"{PROTOCOL}: both must run the same mproc version"
+        )
+    _kind, version, max_frame, window = HELLO.unpack(body)
+    return version, max_frame, window
+
+
+#: A frame cut out of a stream: (kind, raw group, seq or limit, payload view).
+Frame = tuple[int, bytes, int, memoryview]
+
+
+def parse(
+    data: Buffer, max_frame: int, kinds: frozenset[int]
+) -> tuple[list[Frame], int, int, Optional[str]]:
+    """Cut every complete frame out of ``data``.
+
+    Args:
+        data: bytes read from a stream, starting at a frame boundary.
+        max_frame: frames whose length says more are refused.
+        kinds: the kinds this direction may carry.
+
+    Returns:
+        ``(frames, used, need, error)``: the complete frames; how many bytes of
+        ``data`` they took; how many bytes the next, incomplete frame needs in
+        all (0 if its header has not arrived yet); and a description of the
+        first bad frame, after which nothing more is parsed (``None`` if none).
+        Payloads are zero-copy views into ``data``.
+    """
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
+    frames: list[Frame] = []
+    unpack = _SMALL.unpack_from
+    while end - pos >= _SMALL.size:
+        size, kind, glen, number = unpack(view, pos)
+        prefix = LEN.size
+        if size == -1:
+            if end - pos < LEN.size + LEN64.size + HEAD.size:
+                return frames, pos, 0, None
+            (size,) = LEN64.unpack_from(view, pos + LEN.size)
+            prefix = LEN.size + LEN64.size
+            kind, glen, number = HEAD.unpack_from(view, pos + prefix)
+        if kind not in kinds:
+            return frames, pos, 0, f"a frame of unknown kind {kind}"
+        if size < HEAD.size + glen or size > max_frame:
+            return frames, pos, 0, f"a frame of {size} bytes (limit {max_frame})"
+        stop = pos + prefix + size
+        if stop > end:
+            return frames, pos, stop - pos, None
+        start = pos + prefix + HEAD.size
+        frames.append((kind, bytes(view[start : start + glen]), number, view[start + glen : stop]))
+        pos = stop
+    return frames, pos, 0, None
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def challenge() -> bytes:
+    """A fresh challenge message (the body of the first handshake frame)."""
+    return CHALLENGE + _DIGEST + os.urandom(_NONCE)
+
+
+def answer(key: bytes, message: Buffer) -> bytes:
+    """The response that proves knowledge of ``key`` to the sender of ``message``.
+
+    Raises:
+        ValueError: ``message`` is not a challenge of this protocol.
+    """
+    message = bytes(message)
+    if not message.startswith(CHALLENGE + _DIGEST) or len(message) < len(CHALLENGE) + 16:
+        raise ValueError("the peer sent no valid challenge")
+    return _DIGEST + hmac.new(key, message[len(CHALLENGE) :], hashlib.sha256).digest()
+
+
+def verify(key: bytes, message: bytes, response: Buffer) -> bool:
+    """Whether ``response`` answers our challenge ``message`` with ``key``."""
+    try:
+        expected = answer(key, message)
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, bytes(response))
