@@ -67,6 +67,7 @@ _CHUNK = 1 << 16
 # ...except while a large frame comes in: then fewer, larger reads.
 _BIG_CHUNK = 1 << 20
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
+_PRUNE_EVERY = 1.0  # ...at most this often
 _MSG_KINDS = frozenset({wire.KIND_MSG})
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
 _NOTHING = object()
@@ -116,26 +117,19 @@ class Msg:
 
 
 class _Group:
-    __slots__ = ("name", "orphans", "queue", "raw", "receivers", "starved", "waiters")
+    __slots__ = ("name", "orphans", "queue", "raw", "starved", "taker", "touched", "waiters")
 
     def __init__(self, name: str, raw: bytes) -> None:
         self.name = name
         self.raw = raw
         self.queue: deque[Entry] = deque()
+        # Yields the queue's messages by popleft(), reused: extending a list
+        # from it moves a message with no bytecode in between.
+        self.taker = iter(self.queue.popleft, _NOTHING)
+        self.touched = 0  # the prune round of the last receive() of this group
         self.waiters: list[Any] = []  # locks of receive() calls asleep on this group
-        self.orphans: list[_Slot] = []  # slots of interrupted receive() calls
+        self.orphans: list[list[Entry]] = []  # slots of interrupted receive() calls
         self.starved: dict[_Peer, None] = {}  # peers refused credit while full
-        self.receivers: dict[_Slot, None] = {}  # receive() calls inside (never pruned then)
-
-
-class _Slot:
-    """Where one ``receive()`` holds the message it took until it returns it."""
-
-    __slots__ = ("consumed", "items")
-
-    def __init__(self) -> None:
-        self.items: list[Entry] = []
-        self.consumed = False
 
 
 class _In:
@@ -229,11 +223,13 @@ class Receiver:
         self.owed: deque[_Peer] = deque()  # credit that did not fit: wait until writable
         self.partial: dict[_Peer, None] = {}  # peers in the middle of a frame
         self.prune_at = _KEEP_GROUPS
+        self.prune_after = 0.0
+        self.round = 1
         self.sleepers: list[Any] = []  # every receive() asleep, to wake at a step-down
         self.closed = False
         self.reading = _NOBODY  # which kind of reader holds leader_lock (set by the holder)
-        # Leadership. An RLock, for _release_save(): a C call that releases it
-        # if this thread holds it and raises otherwise, so a finally clause can
+        # Leadership. An RLock: its release() is one C call that releases it if
+        # this thread holds it and raises otherwise, so a finally clause can
         # release it with no bytecode that could run a signal handler first.
         self.leader_lock = threading.RLock()
         self.lead_request = 0.0  # when a receive() last asked the background to yield
@@ -475,12 +471,24 @@ class Receiver:
         return g
 
     def _prune(self) -> None:
-        """Forget idle groups (one per request id adds up); only the reader may."""
+        """Forget idle groups (one per request id adds up); only the reader may.
+
+        A group is forgotten when it holds nothing, nobody waits on it and no
+        receive() has looked it up for a whole prune round; a receive() that
+        finds its group forgotten takes the new one (see _take).
+        """
         if len(self.groups) <= self.prune_at:
             return
+        now = time.monotonic()
+        if now < self.prune_after:
+            return
+        self.prune_after = now + _PRUNE_EVERY
+        self.round += 1
         with self.lock:
             for name, g in list(self.groups.items()):
-                if not (g.queue or g.waiters or g.orphans or g.starved or g.receivers):
+                if g.touched < self.round - 1 and not (
+                    g.queue or g.waiters or g.orphans or g.starved
+                ):
                     # by_raw first: an interrupt between leaves a group that
                     # _group() finds again, never one that routing fills alone.
                     if self.by_raw.get(g.raw) is g:
@@ -642,59 +650,67 @@ class Receiver:
         Raises:
             ReceiveTimeout, MailboxClosed, MessageError: see :func:`mproc.receive`.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        slot = _Slot()
-        g: Optional[_Group] = None
+        slot: list[Entry] = []  # the message, from its group until it is returned
+        consumed = False
+        g = self.groups.get(group)
         try:
-            while True:
+            if g is None:
                 g = self._group(group)
-                g.receivers[slot] = None  # a group in use is never pruned
-                if self.groups.get(group) is g:
-                    break
-                g.receivers.pop(slot, None)  # pruned just now: take the new one
-            self._take(g, slot, timeout, deadline)
-            sender, payload, _peer, _raw, _seq = slot.items[0]
+            g.touched = self.round  # not pruned while in use
+            if g.queue and not g.orphans:
+                try:
+                    # One C call moves the message from the queue to the slot.
+                    slot.extend(itertools.islice(g.taker, 1))
+                except IndexError:  # another thread took the last one
+                    pass
+            if not slot:
+                g = self._take(g, slot, timeout)
+            sender, payload, _peer, _raw, _seq = slot[0]
             if g.starved:
                 self._release_starved(g)
             try:
                 data = pickle.loads(payload)
             except Exception as err:
-                slot.consumed = True  # SPEC: that message is consumed; the next works
+                consumed = True  # SPEC: that message is consumed; the next works
                 raise MessageError(
                     f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
                     pid=sender,
                     group=group,
                 ) from err
-            msg = Msg(sender, self.pid, group, data)
-            g.receivers.pop(slot, None)
+            msg = _new_msg(Msg)
+            msg.__dict__.update(sender_pid=sender, receiver_pid=self.pid, group=group, data=data)
             # Nothing that can run a signal handler comes after this point:
             # no finally clause, no call (either could replace the return).
             return msg
         except BaseException:
             # No call runs before this append: a message taken and not
             # returned goes back to its group (the next receive() puts it first).
-            if slot.items and not slot.consumed and g is not None:
+            if slot and not consumed and g is not None:
                 g.orphans.append(slot)
-            if g is not None:
-                g.receivers.pop(slot, None)
             raise
 
-    def _take(
-        self, g: _Group, slot: _Slot, timeout: Optional[float], deadline: Optional[float]
-    ) -> None:
-        items = slot.items
+    def _take(self, g: _Group, items: list[Entry], timeout: Optional[float]) -> _Group:
+        """Move the group's next message into ``items``, reading or waiting for it.
+
+        Returns:
+            The group (a new one, if the old one was pruned while we slept).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         led = False  # this call has read the sockets itself
         asked = False  # ...or asked the background reader to hand over
         while True:
+            if self.groups.get(g.name) is not g:
+                g = self._group(g.name)  # pruned (cannot be while touched: a safety net)
+            g.touched = self.round
             if g.orphans:
                 self._recover(g)
             if g.queue:
                 try:
-                    items.extend(itertools.islice(iter(g.queue.popleft, _NOTHING), 1))
+                    items.extend(itertools.islice(g.taker, 1))
                 except IndexError:  # another thread took the last one
                     pass
                 if items:
-                    return
+                    return g
             if self.closed:
                 raise MailboxClosed(
                     f"the mailbox of PID {self.pid} was closed while receiving (group {g.name!r})",
@@ -729,7 +745,7 @@ class Receiver:
                 # First call of the clause: whatever raised above, and wherever,
                 # the lock is released if this thread took it.
                 try:
-                    self.leader_lock._release_save()  # type: ignore[attr-defined]
+                    self.leader_lock.release()  # an RLock: raises unless this thread holds it
                 except RuntimeError:
                     pass
             if leading:
@@ -753,7 +769,7 @@ class Receiver:
         try:
             # Checked after registering: a message or a step-down before it
             # would otherwise wake nobody.
-            if g.queue or g.orphans or self.closed:
+            if g.queue or g.orphans or self.closed or self.groups.get(g.name) is not g:
                 return
             if self.reading is _NOBODY:
                 # Nobody reads, or a reader is just taking or leaving the lock:
@@ -769,15 +785,15 @@ class Receiver:
         with self.lock:
             for slot in reversed(g.orphans):
                 try:
-                    g.queue.extendleft(itertools.islice(iter(slot.items.pop, _NOTHING), 1))
+                    g.queue.extendleft(itertools.islice(iter(slot.pop, _NOTHING), 1))
                 except IndexError:  # recovered already
                     pass
-            g.orphans = [s for s in g.orphans if s.items]
+            g.orphans = [s for s in g.orphans if s]
 
     def depths(self) -> dict[str, int]:
         """Messages queued per group (orphans of interrupted calls included)."""
         return {
-            name: len(g.queue) + sum(len(s.items) for s in g.orphans)
+            name: len(g.queue) + sum(map(len, g.orphans))
             for name, g in list(self.groups.items())
             if g.queue or g.orphans
         }
@@ -843,6 +859,9 @@ class Receiver:
         self.listener.close()
         self.epoll.close()
         self.wakeup.close()
+
+
+_new_msg = object.__new__  # Msg is frozen: build it by its __dict__ (4x faster)
 
 
 def _release(w: Any) -> None:

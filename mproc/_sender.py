@@ -79,8 +79,9 @@ class Link:
         self.path = path
         self.max_frame = max_frame  # the receiver's limit, told in its HELLO
         self.window = window  # the credit every group starts with
-        # Held while the socket is written or read. An RLock for _release_save():
-        # a finally clause can release it with no bytecode before (see _send_on).
+        # Held while the socket is written or read. An RLock, whose release()
+        # raises unless this thread holds it: a finally clause can release it
+        # with no bytecode before (see _send_on).
         self.lock = threading.RLock()
         self.seqs: dict[bytes, int] = {}  # group -> seq of its next message
         self.limits: dict[bytes, int] = {}  # group -> first seq not yet allowed
@@ -152,6 +153,11 @@ def _show(group: bytes) -> str:
 
 
 def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout: float) -> None:
+    if link.lock._is_owned():  # type: ignore[attr-defined]
+        raise RuntimeError(
+            f"send() to PID {link.pid} was called (from a signal handler?) while this thread "
+            "was inside another send() to it; a connection carries one frame at a time"
+        )
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -181,7 +187,7 @@ def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout:
         finally:
             # The first call of the clause; raises if this thread does not hold it.
             try:
-                link.lock._release_save()  # type: ignore[attr-defined]
+                link.lock.release()  # an RLock: raises unless this thread holds it
             except RuntimeError:
                 pass
         remaining = deadline - time.monotonic()
@@ -312,7 +318,7 @@ def _get(pid: int, deadline: float) -> tuple[Link, bool]:
                 old.close()
         finally:
             try:
-                old.lock._release_save()  # type: ignore[attr-defined]
+                old.lock.release()  # an RLock: raises unless this thread holds it
             except RuntimeError:
                 pass
     return new, True
