@@ -117,9 +117,21 @@ def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None
     """
     pid = _check.pid(pid, "send")
     raw = _check.group(group, "send")
-    wait = _check.timeout(timeout, "send")
-    payload = _pickle_for(obj, pid, group)
-    _deliver(pid, raw, group, payload, wait)
+    wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
+    try:
+        payload = _dumps(obj)
+    except MessageError as err:
+        raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
+            err.__cause__
+        )
+    if pid == _state.pid:
+        _ensure_open()  # nobody else would open it (also in a freshly forked child)
+    try:
+        _sender.deliver(pid, raw, payload, wait)
+    except MailboxError as err:
+        if err.group is None:
+            err.group = group
+        raise
 
 
 def send_many(
@@ -134,51 +146,20 @@ def send_many(
         MessageError: ``obj`` cannot be pickled (nothing was sent to anyone).
     """
     raw = _check.group(group, "send")
-    wait = _check.timeout(timeout, "send")
-    payload = _pickle_for(obj, None, group)
+    wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
+    payload = _dumps(obj)
     failures: dict[int, Exception] = {}
     for pid in pids:
         try:
-            _deliver(_check.pid(pid, "send"), raw, group, payload, wait)
+            _check.pid(pid, "send")
+            if pid == _state.pid:
+                _ensure_open()
+            _sender.deliver(pid, raw, payload, wait)
         except (MprocError, OSError, TypeError, ValueError) as err:
+            if isinstance(err, MailboxError) and err.group is None:
+                err.group = group
             failures[pid] = err
     return failures
-
-
-def _pickle_for(obj: Any, pid: Optional[int], group: str) -> bytes:
-    try:
-        payload = _dumps(obj)
-    except MessageError as err:
-        if pid is None:
-            raise
-        raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
-            err.__cause__
-        )
-    _check_size(len(payload), rt.DEFAULT_MAX_FRAME, pid, group, "this process's")
-    return payload
-
-
-def _deliver(pid: int, raw: bytes, group: str, payload: bytes, wait: Optional[float]) -> None:
-    if pid == _state.pid:
-        _ensure_open()  # nobody else would open it (also in a freshly forked child)
-    seconds = rt.DEFAULT_TIMEOUT if wait is None else wait
-    try:
-        _sender.deliver(pid, raw, payload, seconds)
-    except MailboxError as err:
-        if err.group is None and err.pid == pid:
-            err.group = group
-        raise
-
-
-def _check_size(size: int, limit: int, pid: Optional[int], group: str, whose: str) -> None:
-    if size > limit:
-        to = "" if pid is None else f" to PID {pid}"
-        raise MessageError(
-            f"the message{to} (group {group!r}) is {size} bytes, over {whose} "
-            f"{limit}-byte frame limit; nothing was sent",
-            pid=pid,
-            group=group,
-        )
 
 
 # ---------------------------------------------------------------- the receiving side
@@ -296,6 +277,9 @@ def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
         MailboxClosed: the mailbox was closed (by this process) while waiting.
         UnsafeRuntimeDir, MailboxError: the mailbox cannot open.
     """
+    receiver = _state.receiver
+    if receiver is not None and timeout is None and group.__class__ is str and len(group) < 16384:
+        return receiver.get(group, None)  # valid: at most 4 UTF-8 bytes a character
     _check.group(group, "receive")
     wait = _check.timeout(timeout, "receive")  # before opening: bad input has no side effect
     return _ensure_open().get(group, wait)

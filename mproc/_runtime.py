@@ -50,7 +50,7 @@ HANDSHAKE_TIMEOUT = 5.0
 #: What a sender grants the handshake at least, even with send(timeout=0).
 HANDSHAKE_MIN = 1.0
 #: Messages per group a sender may send ahead of the receiver's credit.
-DEFAULT_WINDOW = 64
+DEFAULT_WINDOW = 1024
 #: A peer silent for this long in the middle of a frame is dropped.
 DEFAULT_IDLE_LIMIT = 30.0
 
