@@ -18,12 +18,13 @@ import psutil
 
 import mproc
 
-from . import _containment, _memory, _messaging, _scale, _table, _transfer, _waiting
+from . import _containment, _groups, _memory, _messaging, _scale, _table, _transfer, _waiting
 from ._common import RUNDIR_PREFIX, Config, Row, Target
 
 BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "one_to_one": _messaging.one_to_one,
     "four_to_one": _messaging.four_to_one,
+    "new_group": _groups.new_group,
     "round_trip": _transfer.round_trip,
     "bulk_64mib": _transfer.bulk_64mib,
     "wait_adopted": _waiting.wait_adopted,
