@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import mmap
 import os
 import pickle
 import select
@@ -64,8 +65,8 @@ _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step 
 # One read() takes at most this much: under glibc's mmap threshold (128 KiB),
 # so the buffer comes from the heap (an mmap + munmap per read costs ~5 µs)...
 _CHUNK = 1 << 16
-# ...except while a large frame comes in: then fewer, larger reads.
-_BIG_CHUNK = 1 << 20
+# A frame larger than this is read into an anonymous mapping of its own.
+_BIG_FRAME = 1 << 20
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
 _PRUNE_EVERY = 1.0  # ...at most this often
 _MSG_KINDS = frozenset({wire.KIND_MSG})
@@ -132,15 +133,38 @@ class _Group:
         self.starved: dict[_Peer, None] = {}  # peers refused credit while full
 
 
+class _Big:
+    """A large frame read straight into memory of its own: one copy, no join.
+
+    The memory is an anonymous mapping grown geometrically (``mremap``) as
+    bytes arrive, so what is committed follows what arrived, whatever the
+    header announced. ``counts`` records every read's length in C.
+    """
+
+    __slots__ = ("counts", "mm", "need")
+
+    def __init__(self, mm: mmap.mmap, counts: deque[int], need: int) -> None:
+        self.mm = mm
+        self.counts = counts  # bytes of each read (the first: what came before)
+        self.need = need  # the whole frame's length, prefix included
+
+
 class _In:
     """A peer's input, replaced whole by one store when frames are cut out of it."""
 
-    __slots__ = ("chunks", "need", "pending")
+    __slots__ = ("big", "chunks", "need", "pending")
 
-    def __init__(self, chunks: deque[bytes], pending: deque[Entry], need: int) -> None:
+    def __init__(
+        self,
+        chunks: deque[bytes],
+        pending: deque[Entry],
+        need: int,
+        big: Optional[_Big] = None,
+    ) -> None:
         self.chunks = chunks  # bytes read and not yet parsed (b"" marks EOF)
         self.pending = pending  # parsed messages not yet in their group queue
         self.need = need  # bytes the next frame needs in all (0: unknown)
+        self.big = big  # a large frame being read into memory of its own
 
 
 class _Peer:
@@ -148,7 +172,6 @@ class _Peer:
 
     __slots__ = (
         "active",
-        "big_reader",
         "dead",
         "fd",
         "granted",
@@ -169,7 +192,6 @@ class _Peer:
         # Calls os.read until the iterator is dropped (None never matches):
         # extending a deque from it records every byte read in C.
         self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
-        self.big_reader = iter(partial(os.read, self.fd, _BIG_CHUNK), None)
         self.inp = _In(deque(), deque(), 0)
         self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
         self.granted: dict[bytes, int] = {}  # group -> the limit we last sent
@@ -340,14 +362,25 @@ class Receiver:
         # Marked before the read: if a signal handler raises after it, the
         # next reader digests these bytes (epoll would not report them again).
         self.unfinished[peer] = None
+        big = inp.big
         try:
-            reader = peer.big_reader if inp.need > _BIG_CHUNK else peer.reader
-            inp.chunks.extend(itertools.islice(reader, 1))
+            if big is None:
+                inp.chunks.extend(itertools.islice(peer.reader, 1))
+            else:
+                filled = sum(big.counts)
+                cap = len(big.mm)
+                if filled == cap:
+                    big.mm.resize(min(big.need, 2 * cap))
+                    cap = len(big.mm)
+                # map() calls readv and extend() records its count, in C: the
+                # view is a temporary, gone before the mapping is resized again.
+                big.counts.extend(map(os.readv, (peer.fd,), ([memoryview(big.mm)[filled:cap]],)))
         except BlockingIOError:
             pass
-        except OSError as err:
+        except (OSError, MemoryError, BufferError) as err:
             self._drop(peer, f"read failed: {err!r}")
             return
+        peer.progress = time.monotonic()
         self._digest(peer)
 
     def _digest(self, peer: _Peer) -> None:
@@ -356,14 +389,17 @@ class Receiver:
             self.unfinished.pop(peer, None)
             return
         inp = peer.inp
-        eof = bool(inp.chunks) and not inp.chunks[-1]
+        if inp.big is not None:
+            eof = len(inp.big.counts) > 1 and not inp.big.counts[-1]
+        else:
+            eof = bool(inp.chunks) and not inp.chunks[-1]
         bad = self._parse(peer)
         self._route(peer)
         self.unfinished.pop(peer, None)
         if bad:
             self._drop(peer, bad)
         elif eof:
-            if peer.inp.chunks:
+            if peer.inp.chunks or peer.inp.big is not None:
                 self._drop(peer, "connection closed in the middle of a message (truncated frame)")
             else:
                 self._drop(peer, "", quiet=True)
@@ -371,6 +407,8 @@ class Receiver:
     def _parse(self, peer: _Peer) -> str:
         """Cut the complete frames out of the peer's bytes; return what was bad, if anything."""
         inp = peer.inp
+        if inp.big is not None:
+            return self._parse_big(peer, inp, inp.big)
         chunks = inp.chunks
         if not chunks:
             return ""
@@ -407,16 +445,38 @@ class Receiver:
         if entries:
             pending = deque(pending)
             pending.extend(entries)
+        big = None
+        if rest and need > _BIG_FRAME:
+            # A large frame: read the rest of it into memory of its own.
+            # Private (fd -1 adds MAP_ANONYMOUS): a shared anonymous mapping is
+            # a shmem file of its first size, and growing it with mremap would
+            # leave pages without backing (EFAULT).
+            mm = mmap.mmap(-1, min(need, max(2 * len(rest), _BIG_FRAME)), flags=mmap.MAP_PRIVATE)
+            mm[: len(rest)] = rest
+            big, rest = _Big(mm, deque((len(rest),)), need), b""
         # One store publishes the new input: a signal landing before it left
         # the old one whole, and nothing of it was changed.
-        peer.inp = _In(deque((rest,)) if rest else deque(), pending, need)
-        if rest:
-            if rest != bytes(data) or not inp.chunks or peer not in self.partial:
-                peer.progress = time.monotonic()
+        peer.inp = _In(deque((rest,)) if rest else deque(), pending, need, big)
+        if rest or big is not None:
             self.partial[peer] = None
         elif peer in self.partial:
             del self.partial[peer]
         return f"sent {bad}" if bad else ""
+
+    def _parse_big(self, peer: _Peer, inp: _In, big: _Big) -> str:
+        if sum(big.counts) < big.need:
+            return ""
+        frames, used, _need, bad = wire.parse(
+            memoryview(big.mm)[: big.need], self.max_frame, _MSG_KINDS
+        )
+        if bad or len(frames) != 1 or used != big.need:  # pragma: no cover - checked before
+            return f"sent {bad or 'a large frame that does not parse'}"
+        _kind, group, seq, payload = frames[0]
+        pending = deque(inp.pending)
+        pending.append((peer.pid, payload, peer, group, seq))
+        peer.inp = _In(deque(), pending, 0)  # one store commits it
+        self.partial.pop(peer, None)
+        return ""
 
     def _route(self, peer: _Peer) -> None:
         """Move the peer's parsed messages into their group queues, granting credit."""
