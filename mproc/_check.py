@@ -75,7 +75,7 @@ def group(value: object, func: str = "mproc") -> bytes:
     ``surrogatepass``); it must fit in 65 535 UTF-8 bytes.
     """
     if value.__class__ is str:
-        raw = _GROUPS.get(value)  # type: ignore[call-overload]
+        raw = _GROUPS.get(value)
         if raw is not None:
             return raw
     if not isinstance(value, str):

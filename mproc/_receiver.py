@@ -1,22 +1,23 @@
-"""The receiving side of a mailbox: readers, group queues, credit, leadership.
+"""The receiving side of a mailbox: who reads, routing, credit, ``receive()``.
 
-Three parts, one job each:
+The parts, one job each:
 
 * **admission** (:mod:`mproc._admission`, its own thread) accepts and
   authenticates connections and hands each admitted peer to the reader;
-* the **reader** (:class:`_Peer` and the ``_read``/``_parse``/``_route``
-  steps) turns a peer's bytes into messages in per-group queues and grants
-  the peer credit (see :mod:`mproc._wire`) while the group has room;
-* **group queues** (:class:`_Group`) hold messages until ``receive()``.
+* the **per-peer reader** (:class:`~mproc._reader.Peer`) reads a peer's
+  bytes and cuts frames out of them;
+* this module routes the frames into **group queues**
+  (:class:`~mproc._queues.Group`), grants each peer credit (see
+  :mod:`mproc._wire`) while the group has room, drops bad peers, and takes
+  messages out for ``receive()``.
 
 *Who reads now* is a small state machine (:class:`Reading`): ``NOBODY``,
 ``CONSUMER`` (a thread blocked in ``receive()`` reads the sockets itself, so a
 message costs one wake-up) or ``BACKGROUND`` (when nobody has received for
 :data:`_IDLE` seconds, the background thread reads, so messages queue up
-before anyone asks). Leadership is one lock: taking it is becoming the
-reader, releasing it is stepping down and wakes the background thread,
-which takes over if nobody else does. The background thread never polls:
-it sleeps in ``epoll`` while it reads, or on the lock while a consumer does.
+before anyone asks). Leadership is one lock, taken without blocking. The
+background thread never polls: it sleeps in ``epoll`` while it reads, and on
+a doorbell, rung when a reading ``receive()`` steps down, while one reads.
 
 **Interrupts.** Python runs signal handlers in the main thread between
 bytecodes, and a handler may raise anywhere in here. So every change of
@@ -37,17 +38,13 @@ from __future__ import annotations
 
 import enum
 import itertools
-import mmap
 import os
 import pickle
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional
 
 from . import _runtime as rt
@@ -55,6 +52,8 @@ from . import _wire as wire
 from ._admission import Admission
 from ._errors import MailboxClosed, MailboxError, MessageError, ReceiveTimeout
 from ._log import logger as log
+from ._queues import NOTHING, Group, Msg
+from ._reader import Entry, Peer
 from ._wakeup import Wakeup
 
 __all__ = ["Msg", "Reading", "Receiver"]
@@ -62,21 +61,10 @@ __all__ = ["Msg", "Reading", "Receiver"]
 _IDLE = 0.02  # no receive() for this long: the background thread reads
 _ASLEEP_CHECK = 10.0  # see _background_loop
 _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step down
-# One read() takes at most this much: under glibc's mmap threshold (128 KiB),
-# so the buffer comes from the heap (an mmap + munmap per read costs ~5 µs)...
-_CHUNK = 1 << 16
-# A frame larger than this is read into an anonymous mapping of its own.
-_BIG_FRAME = 1 << 20
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
 _PRUNE_EVERY = 1.0  # ...at most this often
-_MSG_KINDS = frozenset({wire.KIND_MSG})
-_SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
-_NOTHING = object()
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
-
-# An entry of a group queue: (sender pid, payload, peer, raw group, seq).
-Entry = tuple[int, Any, "_Peer", bytes, int]
 
 
 class Reading(enum.Enum):
@@ -98,108 +86,6 @@ class Reading(enum.Enum):
 _NOBODY = Reading.NOBODY
 _CONSUMER = Reading.CONSUMER
 _BACKGROUND = Reading.BACKGROUND
-
-
-@dataclass(frozen=True)
-class Msg:
-    """A message taken from this process's mailbox.
-
-    Attributes:
-        sender_pid: the sending process, as the kernel reports it (SO_PEERCRED).
-        receiver_pid: this process.
-        group: the group it was sent to.
-        data: the object that was sent.
-    """
-
-    sender_pid: int
-    receiver_pid: int
-    group: str
-    data: Any
-
-
-class _Group:
-    __slots__ = ("name", "orphans", "queue", "raw", "starved", "taker", "touched", "waiters")
-
-    def __init__(self, name: str, raw: bytes) -> None:
-        self.name = name
-        self.raw = raw
-        self.queue: deque[Entry] = deque()
-        # Yields the queue's messages by popleft(), reused: extending a list
-        # from it moves a message with no bytecode in between.
-        self.taker = iter(self.queue.popleft, _NOTHING)
-        self.touched = 0  # the prune round of the last receive() of this group
-        self.waiters: list[Any] = []  # locks of receive() calls asleep on this group
-        self.orphans: list[list[Entry]] = []  # slots of interrupted receive() calls
-        self.starved: dict[_Peer, None] = {}  # peers refused credit while full
-
-
-class _Big:
-    """A large frame read straight into memory of its own: one copy, no join.
-
-    The memory is an anonymous mapping grown geometrically (``mremap``) as
-    bytes arrive, so what is committed follows what arrived, whatever the
-    header announced. ``counts`` records every read's length in C.
-    """
-
-    __slots__ = ("counts", "mm", "need")
-
-    def __init__(self, mm: mmap.mmap, counts: deque[int], need: int) -> None:
-        self.mm = mm
-        self.counts = counts  # bytes of each read (the first: what came before)
-        self.need = need  # the whole frame's length, prefix included
-
-
-class _In:
-    """A peer's input, replaced whole by one store when frames are cut out of it."""
-
-    __slots__ = ("big", "chunks", "need", "pending")
-
-    def __init__(
-        self,
-        chunks: deque[bytes],
-        pending: deque[Entry],
-        need: int,
-        big: Optional[_Big] = None,
-    ) -> None:
-        self.chunks = chunks  # bytes read and not yet parsed (b"" marks EOF)
-        self.pending = pending  # parsed messages not yet in their group queue
-        self.need = need  # bytes the next frame needs in all (0: unknown)
-        self.big = big  # a large frame being read into memory of its own
-
-
-class _Peer:
-    """One sender's connection, as the reader sees it."""
-
-    __slots__ = (
-        "active",
-        "dead",
-        "fd",
-        "granted",
-        "inp",
-        "last_seq",
-        "names",
-        "pid",
-        "progress",
-        "reader",
-        "sock",
-        "successor",
-    )
-
-    def __init__(self, sock: socket.socket, pid: int) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pid = pid
-        # Calls os.read until the iterator is dropped (None never matches):
-        # extending a deque from it records every byte read in C.
-        self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
-        self.inp = _In(deque(), deque(), 0)
-        self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
-        self.granted: dict[bytes, int] = {}  # group -> the limit we last sent
-        self.names: dict[bytes, str] = {}
-        self.successor: Optional[_Peer] = None  # this process's next connection
-        self.active = False  # registered with epoll
-        self.dead = False
-        self.progress = time.monotonic()
 
 
 class Receiver:
@@ -236,14 +122,14 @@ class Receiver:
             self.listener.close()
             raise MailboxError("this Python's multiprocessing.connection.Listener is unsupported")
         self.lock = threading.Lock()  # short critical sections only; never held while blocking
-        self.groups: dict[str, _Group] = {}
-        self.by_raw: dict[bytes, _Group] = {}
-        self.peers: dict[int, _Peer] = {}  # fd -> the active (read) peers
-        self.by_pid: dict[int, _Peer] = {}  # pid -> the connection read now
-        self.new_peers: deque[_Peer] = deque()  # admitted, not yet seen by a reader
-        self.dying: deque[_Peer] = deque()  # being dropped (finished by any reader)
-        self.owed: deque[_Peer] = deque()  # credit that did not fit: wait until writable
-        self.partial: dict[_Peer, None] = {}  # peers in the middle of a frame
+        self.groups: dict[str, Group] = {}
+        self.by_raw: dict[bytes, Group] = {}
+        self.peers: dict[int, Peer] = {}  # fd -> the active (read) peers
+        self.by_pid: dict[int, Peer] = {}  # pid -> the connection read now
+        self.new_peers: deque[Peer] = deque()  # admitted, not yet seen by a reader
+        self.dying: deque[Peer] = deque()  # being dropped (finished by any reader)
+        self.owed: deque[Peer] = deque()  # credit that did not fit: wait until writable
+        self.partial: dict[Peer, None] = {}  # peers in the middle of a frame
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
         self.round = 1
@@ -259,7 +145,7 @@ class Receiver:
         self.doorbell = threading.Lock()  # held; the background sleeps by taking it
         self.doorbell.acquire()
         self.bg_asleep = False  # the background sleeps with no timer: ring at step-down
-        self.unfinished: dict[_Peer, None] = {}  # peers whose bytes a reader began on
+        self.unfinished: dict[Peer, None] = {}  # peers whose bytes a reader began on
         self.epoll = select.epoll()
         self.wakeup = Wakeup()
         self.epoll.register(self.wakeup.fileno(), _EPOLLIN)
@@ -285,7 +171,7 @@ class Receiver:
         """Take an admitted peer (admission thread); the reader picks it up at once."""
         if self.closed:
             return False
-        self.new_peers.append(_Peer(sock, pid))
+        self.new_peers.append(Peer(sock, pid))
         self.wakeup.wake()
         return True
 
@@ -304,7 +190,7 @@ class Receiver:
                 tail.successor = peer
             self.new_peers.popleft()
 
-    def _activate(self, peer: _Peer) -> None:
+    def _activate(self, peer: Peer) -> None:
         self.by_pid[peer.pid] = peer
         self.peers[peer.fd] = peer
         if not peer.active:
@@ -357,128 +243,38 @@ class Receiver:
                     pass
             self.owed.popleft()
 
-    def _on_readable(self, peer: _Peer) -> None:
-        inp = peer.inp
+    def _on_readable(self, peer: Peer) -> None:
         # Marked before the read: if a signal handler raises after it, the
         # next reader digests these bytes (epoll would not report them again).
         self.unfinished[peer] = None
-        big = inp.big
-        try:
-            if big is None:
-                inp.chunks.extend(itertools.islice(peer.reader, 1))
-            else:
-                filled = sum(big.counts)
-                cap = len(big.mm)
-                if filled == cap:
-                    big.mm.resize(min(big.need, 2 * cap))
-                    cap = len(big.mm)
-                # map() calls readv and extend() records its count, in C: the
-                # view is a temporary, gone before the mapping is resized again.
-                big.counts.extend(map(os.readv, (peer.fd,), ([memoryview(big.mm)[filled:cap]],)))
-        except BlockingIOError:
-            pass
-        except (OSError, MemoryError, BufferError) as err:
-            self._drop(peer, f"read failed: {err!r}")
+        failed = peer.read()
+        if failed:
+            self._drop(peer, failed)
             return
-        peer.progress = time.monotonic()
         self._digest(peer)
 
-    def _digest(self, peer: _Peer) -> None:
+    def _digest(self, peer: Peer) -> None:
         """Parse and route what the peer sent; drop it on EOF or a bad frame."""
         if peer.dead:
             self.unfinished.pop(peer, None)
             return
-        inp = peer.inp
-        if inp.big is not None:
-            eof = len(inp.big.counts) > 1 and not inp.big.counts[-1]
-        else:
-            eof = bool(inp.chunks) and not inp.chunks[-1]
-        bad = self._parse(peer)
+        eof = peer.at_eof()
+        bad = peer.parse(self.max_frame)
+        if peer.mid_frame():
+            self.partial[peer] = None
+        elif peer in self.partial:
+            del self.partial[peer]
         self._route(peer)
         self.unfinished.pop(peer, None)
         if bad:
             self._drop(peer, bad)
         elif eof:
-            if peer.inp.chunks or peer.inp.big is not None:
+            if peer.mid_frame():
                 self._drop(peer, "connection closed in the middle of a message (truncated frame)")
             else:
                 self._drop(peer, "", quiet=True)
 
-    def _parse(self, peer: _Peer) -> str:
-        """Cut the complete frames out of the peer's bytes; return what was bad, if anything."""
-        inp = peer.inp
-        if inp.big is not None:
-            return self._parse_big(peer, inp, inp.big)
-        chunks = inp.chunks
-        if not chunks:
-            return ""
-        if len(chunks) == 1 and not inp.pending:
-            # The common case, one small frame in one read: cut it out directly.
-            data = chunks[0]
-            if len(data) > _SMALL.size:
-                size, kind, glen, seq = _SMALL.unpack_from(data)
-                start = _SMALL.size + glen
-                if (
-                    size + 4 == len(data)
-                    and kind == wire.KIND_MSG
-                    and wire.HEAD.size + glen <= size <= self.max_frame
-                ):
-                    entry = (
-                        peer.pid,
-                        memoryview(data)[start:],
-                        peer,
-                        data[_SMALL.size : start],
-                        seq,
-                    )
-                    peer.inp = _In(deque(), deque((entry,)), 0)  # one store commits it
-                    return ""
-        if inp.need and sum(map(len, chunks)) < inp.need:
-            return ""  # the rest of a large frame has not arrived yet
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        frames, used, need, bad = wire.parse(data, self.max_frame, _MSG_KINDS)
-        if not frames and not bad and len(chunks) == 1 and need == inp.need:
-            return ""
-        pid = peer.pid
-        entries = [(pid, payload, peer, group, seq) for _k, group, seq, payload in frames]
-        rest = bytes(data[used:]) if used < len(data) and not bad else b""
-        pending = inp.pending
-        if entries:
-            pending = deque(pending)
-            pending.extend(entries)
-        big = None
-        if rest and need > _BIG_FRAME:
-            # A large frame: read the rest of it into memory of its own.
-            # Private (fd -1 adds MAP_ANONYMOUS): a shared anonymous mapping is
-            # a shmem file of its first size, and growing it with mremap would
-            # leave pages without backing (EFAULT).
-            mm = mmap.mmap(-1, min(need, max(2 * len(rest), _BIG_FRAME)), flags=mmap.MAP_PRIVATE)
-            mm[: len(rest)] = rest
-            big, rest = _Big(mm, deque((len(rest),)), need), b""
-        # One store publishes the new input: a signal landing before it left
-        # the old one whole, and nothing of it was changed.
-        peer.inp = _In(deque((rest,)) if rest else deque(), pending, need, big)
-        if rest or big is not None:
-            self.partial[peer] = None
-        elif peer in self.partial:
-            del self.partial[peer]
-        return f"sent {bad}" if bad else ""
-
-    def _parse_big(self, peer: _Peer, inp: _In, big: _Big) -> str:
-        if sum(big.counts) < big.need:
-            return ""
-        frames, used, _need, bad = wire.parse(
-            memoryview(big.mm)[: big.need], self.max_frame, _MSG_KINDS
-        )
-        if bad or len(frames) != 1 or used != big.need:  # pragma: no cover - checked before
-            return f"sent {bad or 'a large frame that does not parse'}"
-        _kind, group, seq, payload = frames[0]
-        pending = deque(inp.pending)
-        pending.append((peer.pid, payload, peer, group, seq))
-        peer.inp = _In(deque(), pending, 0)  # one store commits it
-        self.partial.pop(peer, None)
-        return ""
-
-    def _route(self, peer: _Peer) -> None:
+    def _route(self, peer: Peer) -> None:
         """Move the peer's parsed messages into their group queues, granting credit."""
         pending = peer.inp.pending
         take = pending.popleft
@@ -497,7 +293,7 @@ class Receiver:
                 g = self._new_group(raw, peer)
             # One C call moves the run: no bytecode runs between taking a
             # message from the peer and putting it in the group.
-            g.queue.extend(itertools.islice(iter(take, _NOTHING), k))
+            g.queue.extend(itertools.islice(iter(take, NOTHING), k))
             peer.last_seq[raw] = last
             if g.waiters:
                 self._wake(g)
@@ -506,7 +302,7 @@ class Receiver:
             else:
                 g.starved[peer] = None
 
-    def _new_group(self, raw: bytes, peer: _Peer) -> _Group:
+    def _new_group(self, raw: bytes, peer: Peer) -> Group:
         name = peer.names.get(raw)
         if name is None:
             try:
@@ -516,7 +312,7 @@ class Receiver:
             peer.names[raw] = name
         return self._group(name, raw)
 
-    def _group(self, name: str, raw: Optional[bytes] = None) -> _Group:
+    def _group(self, name: str, raw: Optional[bytes] = None) -> Group:
         g = self.groups.get(name)
         if g is None:
             if raw is None:
@@ -524,7 +320,7 @@ class Receiver:
             with self.lock:
                 g = self.groups.get(name)
                 if g is None:
-                    g = _Group(name, raw)
+                    g = Group(name, raw)
                     self.groups[name] = g
                 # Also after an interrupted _prune() (which forgets by_raw first).
                 self.by_raw.setdefault(g.raw, g)
@@ -558,7 +354,7 @@ class Receiver:
 
     # ---------------------------------------------------------------- credit
 
-    def _grant(self, peer: _Peer, raw: bytes) -> None:
+    def _grant(self, peer: Peer, raw: bytes) -> None:
         """Send the peer a new credit limit for the group if it moved far enough."""
         limit = peer.last_seq.get(raw, -1) + 1 + self.window
         if limit - peer.granted.get(raw, self.window) < max(1, self.window // 2):
@@ -578,7 +374,7 @@ class Receiver:
         if limit > peer.granted.get(raw, 0):
             peer.granted[raw] = limit
 
-    def _regrant_all(self, peer: _Peer) -> None:
+    def _regrant_all(self, peer: Peer) -> None:
         """The peer became writable: send every credit it was owed."""
         try:
             self.epoll.modify(peer.fd, _EPOLLIN)
@@ -589,7 +385,7 @@ class Receiver:
             if g is not None and len(g.queue) < self.max_queue:
                 self._grant(peer, raw)
 
-    def _release_starved(self, g: _Group) -> None:
+    def _release_starved(self, g: Group) -> None:
         """A receive() made room in a full group: let its starved senders go on."""
         if len(g.queue) >= self.max_queue:
             return
@@ -599,7 +395,7 @@ class Receiver:
 
     # ---------------------------------------------------------------- dropping
 
-    def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
+    def _drop(self, peer: Peer, why: str, *, quiet: bool = False) -> None:
         if not quiet:
             log.debug("mailbox %s: dropped peer PID %d: %s", self.path, peer.pid, why)
         peer.dead = True
@@ -650,7 +446,7 @@ class Receiver:
         for w in sleepers:
             _release(w)
 
-    def _wake(self, g: _Group) -> None:
+    def _wake(self, g: Group) -> None:
         waiters, g.waiters = g.waiters, []
         for w in waiters:
             _release(w)
@@ -749,7 +545,7 @@ class Receiver:
                 g.orphans.append(slot)
             raise
 
-    def _take(self, g: _Group, items: list[Entry], timeout: Optional[float]) -> _Group:
+    def _take(self, g: Group, items: list[Entry], timeout: Optional[float]) -> Group:
         """Move the group's next message into ``items``, reading or waiting for it.
 
         Returns:
@@ -821,7 +617,7 @@ class Receiver:
                 remaining = _HANDOVER  # the background steps down at once
             self._sleep(g, remaining)
 
-    def _sleep(self, g: _Group, timeout: Optional[float]) -> None:
+    def _sleep(self, g: Group, timeout: Optional[float]) -> None:
         w = threading.Lock()
         w.acquire()
         g.waiters.append(w)
@@ -840,15 +636,9 @@ class Receiver:
             _discard(g.waiters, w)
             _discard(self.sleepers, w)
 
-    def _recover(self, g: _Group) -> None:
-        """Put messages of interrupted receive() calls back at the front, in order."""
+    def _recover(self, g: Group) -> None:
         with self.lock:
-            for slot in reversed(g.orphans):
-                try:
-                    g.queue.extendleft(itertools.islice(iter(slot.pop, _NOTHING), 1))
-                except IndexError:  # recovered already
-                    pass
-            g.orphans = [s for s in g.orphans if s]
+            g.recover()
 
     def depths(self) -> dict[str, int]:
         """Messages queued per group (orphans of interrupted calls included)."""
@@ -890,7 +680,7 @@ class Receiver:
             pass  # removed already (multiprocessing's exit finalizer, or a person)
 
     def _close_peers(self) -> None:
-        seen: list[_Peer] = list(self.peers.values()) + list(self.new_peers)
+        seen: list[Peer] = list(self.peers.values()) + list(self.new_peers)
         seen += list(self.dying)
         for peer in list(self.by_pid.values()):
             nxt = peer.successor

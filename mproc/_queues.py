@@ -1,0 +1,67 @@
+"""Group queues: where messages wait for ``receive()``, and the :class:`Msg` it returns.
+
+A group's queue is a deque the reader extends and ``receive()`` takes from,
+each by one C call (see :attr:`Group.taker`); a message a ``receive()`` had
+taken when a signal handler interrupted it waits in :attr:`Group.orphans`
+until the next ``receive()`` of the group puts it back in front.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ._reader import Entry, Peer
+
+__all__ = ["NOTHING", "Group", "Msg"]
+
+#: A sentinel no deque ever yields: iter(deque.popleft, NOTHING) runs until empty.
+NOTHING = object()
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A message taken from this process's mailbox.
+
+    Attributes:
+        sender_pid: the sending process, as the kernel reports it (SO_PEERCRED).
+        receiver_pid: this process.
+        group: the group it was sent to.
+        data: the object that was sent.
+    """
+
+    sender_pid: int
+    receiver_pid: int
+    group: str
+    data: Any
+
+
+class Group:
+    __slots__ = ("name", "orphans", "queue", "raw", "starved", "taker", "touched", "waiters")
+
+    def __init__(self, name: str, raw: bytes) -> None:
+        self.name = name
+        self.raw = raw
+        self.queue: deque[Entry] = deque()
+        # Yields the queue's messages by popleft(), reused: extending a list
+        # from it moves a message with no bytecode in between.
+        self.taker = iter(self.queue.popleft, NOTHING)
+        self.touched = 0  # the prune round of the last receive() of this group
+        self.waiters: list[Any] = []  # locks of receive() calls asleep on this group
+        self.orphans: list[list[Entry]] = []  # slots of interrupted receive() calls
+        self.starved: dict[Peer, None] = {}  # peers refused credit while full
+
+    def recover(self) -> None:
+        """Put the messages of interrupted receive() calls back at the front, in order.
+
+        Each is moved by one C call; an interrupt between two leaves the rest
+        for the next call. The caller serializes recoveries (a lock).
+        """
+        for slot in reversed(self.orphans):
+            try:
+                self.queue.extendleft(itertools.islice(iter(slot.pop, NOTHING), 1))
+            except IndexError:  # recovered already
+                pass
+        self.orphans = [s for s in self.orphans if s]

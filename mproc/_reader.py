@@ -1,0 +1,213 @@
+"""The per-peer reader: one sender's connection, its bytes and the frames cut from them.
+
+Every change a reader makes is one C call or one store, so that a signal
+handler raising between any two of them (Python runs handlers in the main
+thread, which may be reading: see :mod:`mproc._receiver`) leaves a state the
+next reader continues from:
+
+* bytes are read by ``deque.extend`` from an iterator over ``os.read``, so
+  every chunk read is recorded before anything else runs;
+* the frames cut out of them are published, with the bytes left over, by one
+  store of a new :class:`Input` (the old one is left whole until then);
+* a frame over :data:`BIG_FRAME` bytes is read into an anonymous mapping of
+  its own, grown with ``mremap`` as bytes arrive (memory follows bytes, one
+  copy), each ``readv`` count recorded by ``extend(map(...))`` in C.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import socket
+import struct
+import time
+from collections import deque
+from functools import partial
+from typing import Any, Optional
+
+from . import _wire as wire
+
+__all__ = ["BIG_FRAME", "Big", "Entry", "Input", "Peer"]
+
+# One read() takes at most this much: under glibc's mmap threshold (128 KiB),
+# so the buffer comes from the heap (an mmap + munmap per read costs ~5 µs).
+_CHUNK = 1 << 16
+#: A frame larger than this is read into an anonymous mapping of its own.
+BIG_FRAME = 1 << 20
+_MSG_KINDS = frozenset({wire.KIND_MSG})
+_SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
+
+#: A parsed message: (sender pid, payload, peer, raw group, seq).
+Entry = tuple[int, Any, "Peer", bytes, int]
+
+
+class Big:
+    """A large frame read straight into memory of its own: one copy, no join.
+
+    The memory is an anonymous mapping grown geometrically (``mremap``) as
+    bytes arrive, so what is committed follows what arrived, whatever the
+    header announced. ``counts`` records every read's length in C.
+    """
+
+    __slots__ = ("counts", "mm", "need")
+
+    def __init__(self, mm: mmap.mmap, counts: deque[int], need: int) -> None:
+        self.mm = mm
+        self.counts = counts  # bytes of each read (the first: what came before)
+        self.need = need  # the whole frame's length, prefix included
+
+
+class Input:
+    """A peer's input, replaced whole by one store when frames are cut out of it."""
+
+    __slots__ = ("big", "chunks", "need", "pending")
+
+    def __init__(
+        self,
+        chunks: deque[bytes],
+        pending: deque[Entry],
+        need: int,
+        big: Optional[Big] = None,
+    ) -> None:
+        self.chunks = chunks  # bytes read and not yet parsed (b"" marks EOF)
+        self.pending = pending  # parsed messages not yet in their group queue
+        self.need = need  # bytes the next frame needs in all (0: unknown)
+        self.big = big  # a large frame being read into memory of its own
+
+
+class Peer:
+    """One sender's connection, as the reader sees it."""
+
+    __slots__ = (
+        "active",
+        "dead",
+        "fd",
+        "granted",
+        "inp",
+        "last_seq",
+        "names",
+        "pid",
+        "progress",
+        "reader",
+        "sock",
+        "successor",
+    )
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid = pid
+        # Calls os.read until the iterator is dropped (None never matches):
+        # extending a deque from it records every byte read in C.
+        self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
+        self.inp = Input(deque(), deque(), 0)
+        self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
+        self.granted: dict[bytes, int] = {}  # group -> the limit we last sent
+        self.names: dict[bytes, str] = {}
+        self.successor: Optional[Peer] = None  # this process's next connection
+        self.active = False  # registered with epoll
+        self.dead = False
+        self.progress = time.monotonic()
+
+    # -- reading (only the reader that holds the leadership calls these)
+
+    def read(self) -> str:
+        """Read what has arrived (one read); return what failed, or ``""``."""
+        inp = self.inp
+        big = inp.big
+        try:
+            if big is None:
+                inp.chunks.extend(itertools.islice(self.reader, 1))
+            else:
+                filled = sum(big.counts)
+                cap = len(big.mm)
+                if filled == cap:
+                    big.mm.resize(min(big.need, 2 * cap))
+                    cap = len(big.mm)
+                # map() calls readv and extend() records its count, in C: the
+                # view is a temporary, gone before the mapping is resized again.
+                big.counts.extend(map(os.readv, (self.fd,), ([memoryview(big.mm)[filled:cap]],)))
+        except BlockingIOError:
+            return ""
+        except (OSError, MemoryError, BufferError) as err:
+            return f"read failed: {err!r}"
+        self.progress = time.monotonic()
+        return ""
+
+    def at_eof(self) -> bool:
+        """Whether the last read found the end of the connection."""
+        inp = self.inp
+        if inp.big is not None:
+            return len(inp.big.counts) > 1 and not inp.big.counts[-1]
+        return bool(inp.chunks) and not inp.chunks[-1]
+
+    def mid_frame(self) -> bool:
+        """Whether bytes of an incomplete frame are held."""
+        return bool(self.inp.chunks) or self.inp.big is not None
+
+    def parse(self, max_frame: int) -> str:
+        """Cut the complete frames out of the bytes read; return what was bad, if anything.
+
+        The frames go to ``inp.pending`` and the bytes left over stay, both
+        published by one store of a new :class:`Input`.
+        """
+        inp = self.inp
+        if inp.big is not None:
+            return self._parse_big(inp, inp.big, max_frame)
+        chunks = inp.chunks
+        if not chunks:
+            return ""
+        if len(chunks) == 1 and not inp.pending:
+            # The common case, one small frame in one read: cut it out directly.
+            data = chunks[0]
+            if len(data) > _SMALL.size:
+                size, kind, glen, seq = _SMALL.unpack_from(data)
+                start = _SMALL.size + glen
+                if (
+                    size + 4 == len(data)
+                    and kind == wire.KIND_MSG
+                    and wire.HEAD.size + glen <= size <= max_frame
+                ):
+                    group = data[_SMALL.size : start]
+                    entry = (self.pid, memoryview(data)[start:], self, group, seq)
+                    self.inp = Input(deque(), deque((entry,)), 0)  # one store commits it
+                    return ""
+        if inp.need and sum(map(len, chunks)) < inp.need:
+            return ""  # the rest of a large frame has not arrived yet
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        frames, used, need, bad = wire.parse(data, max_frame, _MSG_KINDS)
+        if not frames and not bad and len(chunks) == 1 and need == inp.need:
+            return ""
+        pid = self.pid
+        entries = [(pid, payload, self, group, seq) for _k, group, seq, payload in frames]
+        rest = bytes(data[used:]) if used < len(data) and not bad else b""
+        pending = inp.pending
+        if entries:
+            pending = deque(pending)
+            pending.extend(entries)
+        big = None
+        if rest and need > BIG_FRAME:
+            # A large frame: read the rest of it into memory of its own.
+            # Private (fd -1 adds MAP_ANONYMOUS): a shared anonymous mapping is
+            # a shmem file of its first size, and growing it with mremap would
+            # leave pages without backing (EFAULT).
+            mm = mmap.mmap(-1, min(need, max(2 * len(rest), BIG_FRAME)), flags=mmap.MAP_PRIVATE)
+            mm[: len(rest)] = rest
+            big, rest = Big(mm, deque((len(rest),)), need), b""
+        # One store publishes the new input: a signal landing before it left
+        # the old one whole, and nothing of it was changed.
+        self.inp = Input(deque((rest,)) if rest else deque(), pending, need, big)
+        return f"sent {bad}" if bad else ""
+
+    def _parse_big(self, inp: Input, big: Big, max_frame: int) -> str:
+        if sum(big.counts) < big.need:
+            return ""
+        frames, used, _need, bad = wire.parse(memoryview(big.mm)[: big.need], max_frame, _MSG_KINDS)
+        if bad or len(frames) != 1 or used != big.need:  # pragma: no cover - checked before
+            return f"sent {bad or 'a large frame that does not parse'}"
+        _kind, group, seq, payload = frames[0]
+        pending = deque(inp.pending)
+        pending.append((self.pid, payload, self, group, seq))
+        self.inp = Input(deque(), pending, 0)  # one store commits it
+        return ""
