@@ -593,8 +593,14 @@ class Receiver:
                 if self.leader_lock.acquire(False):
                     leading = led = True
                     self.reading = _CONSUMER
-                    if not g.queue:
-                        self._pump(None if remaining is None else max(remaining, 0.0))
+                    if not g.queue and not self.closed:
+                        try:
+                            self._pump(None if remaining is None else max(remaining, 0.0))
+                        except (OSError, ValueError):
+                            # close_mailbox() closed the epoll under us (a signal
+                            # handler of this thread): say so below, not this.
+                            if not self.closed:
+                                raise
                     self._prune()
                     self.reading = _NOBODY
             finally:

@@ -181,6 +181,8 @@ def _fast_send(link: Link, group: bytes, payload: bytes) -> bool:
             return False  # dirty, likewise: the frame is cut
         link.seqs[group] = seq + 1
         link.dirty = False
+        if link.dead:  # retired while we wrote (close_mailbox())
+            link.close()
         return True
     finally:
         try:
@@ -280,6 +282,8 @@ def _write_msg(
         raise _Retry from err
     link.seqs[group] = seq + 1
     link.dirty = False
+    if link.dead:  # retired while we wrote (close_mailbox())
+        link.close()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -371,13 +375,18 @@ def retire_all() -> None:
         links = list(_links.by_pid.values())
         _links.by_pid.clear()
     for link in links:
+        if link.lock._is_owned():  # type: ignore[attr-defined]
+            # From a signal handler that interrupted a send() on it: closing the
+            # fd under that send could hand its number to another file.
+            link.dead = True  # that send closes it when its frame is done
+            continue
         if link.lock.acquire(timeout=5.0):
             try:
                 link.close()
             finally:
                 link.lock.release()
         else:
-            link.dirty = True  # its writer closes it (never reused)
+            link.dead = True  # its writer closes it when its frame is done
 
 
 def forget_after_fork() -> None:
