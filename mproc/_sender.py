@@ -96,6 +96,11 @@ class Link:
         self.dead = True
         self.sock.close()
 
+    def close_if_retired(self) -> None:
+        """After a frame: close the socket if close_mailbox() retired the link meanwhile."""
+        if self.dead:
+            self.sock.close()
+
 
 class _Links:
     def __init__(self) -> None:
@@ -181,8 +186,7 @@ def _fast_send(link: Link, group: bytes, payload: bytes) -> bool:
             return False  # dirty, likewise: the frame is cut
         link.seqs[group] = seq + 1
         link.dirty = False
-        if link.dead:  # retired while we wrote (close_mailbox())
-            link.close()
+        link.close_if_retired()
         return True
     finally:
         try:
@@ -282,8 +286,7 @@ def _write_msg(
         raise _Retry from err
     link.seqs[group] = seq + 1
     link.dirty = False
-    if link.dead:  # retired while we wrote (close_mailbox())
-        link.close()
+    link.close_if_retired()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
