@@ -218,7 +218,8 @@ class ProcessManager:
             NoSuchProcess: ``pid`` does not exist.
             MprocError: no file descriptor is free to pin it (see :class:`AdoptedProcess`).
             TypeError: ``pid`` is not an int.
-            ValueError: ``pid`` is not positive, or is this process or its parent.
+            ValueError: ``pid`` is not positive, is this process or one of its
+                ancestors (PID 1 included), or is a kernel thread.
         """
         _check.pid(pid, "add_process")
         with self._lock:

@@ -464,17 +464,22 @@ class AdoptedProcess(_Stoppable):
         MprocError: no file descriptor is free for its pidfd (the message
             says how to raise the limit).
         TypeError: ``pid`` is not an int.
-        ValueError: ``pid`` is not positive, or is this process or its parent
-            (a later ``kill_all()`` would kill the caller).
+        ValueError: ``pid`` is not positive, is this process or one of its
+            ancestors (PID 1 too: a later ``kill_all()`` would kill the
+            caller), or is a kernel thread.
     """
 
     def __init__(self, pid: int) -> None:
         self._pid = _check.pid(pid, "add_process")
-        if pid in (os.getpid(), os.getppid()):
-            who = "this process" if pid == os.getpid() else "the parent of this process"
+        who = _tree.kinship(pid)
+        if who is not None:
             raise ValueError(
                 f"add_process(): PID {pid} is {who}; adopting it would let kill_all() "
                 "or terminate_all() kill the caller"
+            )
+        if _tree.is_kernel_thread(pid):
+            raise ValueError(
+                f"add_process(): PID {pid} is a kernel thread; it cannot be signalled or stopped"
             )
         try:
             # First: from now on this process cannot be mistaken.

@@ -37,12 +37,24 @@ from . import _check
 from ._errors import NoSuchProcess
 from ._launch import ENV_CONTAIN
 
-__all__ = ["Root", "kill_tree", "kill_trees", "remember", "forget"]
+__all__ = [
+    "Root",
+    "ancestors",
+    "check_root",
+    "forget",
+    "is_kernel_thread",
+    "kill_tree",
+    "kill_trees",
+    "kinship",
+    "remember",
+]
 
 _MARKER_KEY = ENV_CONTAIN.encode() + b"="
 # A round of search-and-freeze finds what the previous round's members forked
 # before they were stopped; a fork bomb could keep it going, so bound it.
 _MAX_ROUNDS = 64
+# include/linux/sched.h: the flags field of /proc/<pid>/stat marks kernel threads.
+_PF_KTHREAD = 0x00200000
 
 # Marker elements of the contained children of this process, by PID, so that
 # kill_tree(pid) of one of them also finds its escaped descendants.
@@ -91,6 +103,7 @@ class _Stat:
     sid: int
     start: int
     zombie: bool
+    kthread: bool
 
 
 def _read_stat(pid: int) -> Optional[_Stat]:
@@ -103,7 +116,12 @@ def _read_stat(pid: int) -> Optional[_Stat]:
     fields = data[data.rfind(b")") + 2 :].split()
     try:
         return _Stat(
-            int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0] == b"Z"
+            int(fields[1]),
+            int(fields[2]),
+            int(fields[3]),
+            int(fields[19]),
+            fields[0] == b"Z",
+            bool(int(fields[6]) & _PF_KTHREAD),
         )
     except (IndexError, ValueError):
         return None
@@ -131,17 +149,70 @@ def _markers_of(pid: int) -> Sequence[bytes]:
     return ()
 
 
-def _ancestors() -> set[int]:
-    """This process and its ancestors: never frozen, whatever their group or marker."""
+def ancestors() -> set[int]:
+    """Return this process and its ancestors, PID 1 included (without ``/proc``: and its parent).
+
+    None of them is ever frozen or signalled by a tree kill, whatever its
+    group or marker: a tree that holds the caller is refused (see
+    :func:`check_root`), and these are left out of any other.
+    """
     seen = {os.getpid()}
     pid = os.getppid()
-    while pid > 1 and pid not in seen:
+    while pid > 0 and pid not in seen:
         seen.add(pid)
         st = _read_stat(pid)
         if st is None:
             break
         pid = st.ppid
     return seen
+
+
+def kinship(pid: int) -> Optional[str]:
+    """Say how ``pid`` is related to this process, if it is this process or an ancestor.
+
+    Returns:
+        ``"this process"``, ``"the parent of this process"``, ``"an ancestor
+        of this process"``, or ``None`` for any other PID.
+    """
+    if pid == os.getpid():
+        return "this process"
+    if pid == os.getppid():
+        return "the parent of this process"
+    return "an ancestor of this process" if pid in ancestors() else None
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """Return whether ``pid`` is a kernel thread (which ignores every signal)."""
+    st = _read_stat(pid)
+    return st is not None and st.kthread
+
+
+def check_root(pid: int, func: str) -> None:
+    """Refuse a root whose tree would hold this process, or a kernel thread.
+
+    The tree of an ancestor (PID 1 above all) is every process but the
+    ancestors themselves: our siblings, the user's own children, the rest of
+    the system. The group of a process that leads ours holds us and our
+    children.
+
+    Args:
+        pid: the would-be root.
+        func: the public function, for the message.
+
+    Raises:
+        ValueError: ``pid`` is this process, an ancestor of it, the leader of
+            its process group, or a kernel thread (the message says which).
+    """
+    who = kinship(pid)
+    if who is None and pid == os.getpgid(0):
+        who = "the leader of this process's process group"
+    if who is not None:
+        raise ValueError(
+            f"{func}(): PID {pid} is {who}; its tree holds the caller, so stopping it "
+            "would stop this process or the children it started itself"
+        )
+    if is_kernel_thread(pid):
+        raise ValueError(f"{func}(): PID {pid} is a kernel thread; it cannot be signalled")
 
 
 class _Member:
@@ -182,12 +253,15 @@ def _pin(pid: int) -> Optional[int]:
 def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Member]) -> set[int]:
     """Return the PIDs in ``procs`` that belong to the trees and are not members yet."""
     found: set[int] = set()
-    groups = {r.pid for r in roots if r.group}
+    # Never our own group: it holds us and the children the user started.
+    groups = {r.pid for r in roots if r.group} - {os.getpgid(0)}
     markers = {r.marker.encode() for r in roots if r.marker}
     for r in roots:
         if r.alive and r.pid in procs:
             found.add(r.pid)
     for pid, st in procs.items():
+        if st.kthread:
+            continue  # a kernel thread is nobody's descendant and ignores signals
         if st.pgid in groups or (
             markers and not st.zombie and markers.intersection(_markers_of(pid))
         ):
@@ -195,7 +269,8 @@ def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Me
     # Descendants by parent PID, to the bottom.
     children: dict[int, list[int]] = {}
     for pid, st in procs.items():
-        children.setdefault(st.ppid, []).append(pid)
+        if not st.kthread:
+            children.setdefault(st.ppid, []).append(pid)
     stack = list(found | set(members))
     while stack:
         for kid in children.get(stack.pop(), ()):
@@ -225,7 +300,7 @@ def kill_trees(
     Returns:
         The PIDs signalled, sorted.
     """
-    exclude = _ancestors()
+    exclude = ancestors()
     members: dict[int, _Member] = {}
     root_fds = {r.pid: r.pidfd for r in roots if r.pidfd is not None}
     procs: dict[int, _Stat] = {}
@@ -251,7 +326,6 @@ def kill_trees(
         if timeout is None or timeout > 0:
             _wait_gone(list(members.values()), timeout)
         _reap(members.values(), set(keep))
-        _reap_session_zombies(procs, members, set(keep))
     finally:
         for m in members.values():
             m.close()
@@ -301,29 +375,6 @@ def _reap(members: Iterable[_Member], keep: set[int]) -> None:
                 raise
 
 
-def _reap_session_zombies(
-    procs: dict[int, _Stat], members: dict[int, _Member], keep: set[int]
-) -> None:
-    """Reap zombies re-parented to us from the sessions the trees made.
-
-    The middle process of a double fork (``fork; setsid; fork; exit``) has
-    exited before we looked: a zombie, its environment gone, but still in
-    the session it created, which the surviving member shares. A session
-    other than ours that a member belongs to was made inside a tree, so its
-    zombies are the trees' (a child the user started has its own session,
-    or ours).
-    """
-    me = os.getpid()
-    mine = os.getsid(0)
-    sessions = {procs[pid].sid for pid in members if pid in procs} - {mine}
-    for pid, st in procs.items():
-        if st.zombie and st.ppid == me and st.sid in sessions and pid not in keep:
-            try:
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-
 def kill_tree(pid: int, sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0) -> list[int]:
     """Send ``sig`` to ``pid`` and everything it started, then wait for them to exit.
 
@@ -351,6 +402,7 @@ def kill_tree(pid: int, sig: int = _signal.SIGKILL, *, timeout: Optional[float] 
     pid = _check.pid(pid, "kill_tree")
     sig = _check.signum(sig, "kill_tree")
     timeout = _check.timeout(timeout, "kill_tree")
+    check_root(pid, "kill_tree")
     fd = _pin(pid)
     st = _read_stat(pid)
     if st is None or st.zombie:

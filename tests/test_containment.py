@@ -342,9 +342,13 @@ def test_children_die_with_the_managers_process(
 _DETACHED = {
     "subshell_setsid": "(setsid sh -c 'echo $$ > {fifo}; exec sleep 1000' &)",
     "setsid_f": "setsid -f sh -c 'echo $$ > {fifo}; exec sleep 1000'",
+    # The first process waits for the middle one: a middle left to exit as
+    # an orphan would be a zombie of this test process (a child subreaper),
+    # not mproc's to reap (it never killed it).
     "double_fork": (
         "{python} -c 'import os,sys\n"
-        "if os.fork(): sys.exit(0)\n"
+        "pid = os.fork()\n"
+        "if pid: os.waitpid(pid, 0); sys.exit(0)\n"
         "os.setsid()\n"
         "if os.fork(): os._exit(0)\n"
         'open(sys.argv[1], "w").write(str(os.getpid()))\n'
@@ -466,7 +470,143 @@ def test_adopted_processes_alone_unless_tree(spawner: Any) -> None:
 
 def test_tree_search_never_freezes_us_or_our_ancestors() -> None:
     me = os.getpid()
-    assert me in _tree._ancestors() and os.getppid() in _tree._ancestors()
+    assert {me, os.getppid(), 1} <= _tree.ancestors()
+
+
+_REFUSE_SCRIPT = textwrap.dedent(
+    """
+    # PID 1 of a new PID namespace: whatever a broken kill_tree() hits stays in here.
+    import subprocess, sys, textwrap
+
+    victim = subprocess.Popen(["sleep", "1000"])  # a sibling of the checker's parent
+    checker = textwrap.dedent('''
+        import os, subprocess
+        import mproc
+
+        mine = subprocess.Popen(["sh", "-c", "read x; exit 7"], stdin=subprocess.PIPE)
+        # A sibling that leads our process group (we join it).
+        leader = subprocess.Popen(["sleep", "1000"], process_group=0)
+        os.setpgid(0, leader.pid)
+        m = mproc.ProcessManager()
+        for pid in (os.getpid(), os.getppid(), 1, leader.pid):
+            try:
+                mproc.kill_tree(pid, timeout=1)
+            except ValueError as err:
+                print("refused", pid, err)
+            else:
+                print("KILLED", pid)
+            try:
+                m.add_process(pid)
+            except ValueError as err:
+                print("not adopted", pid, err)
+            else:
+                print("ADOPTED", pid)
+        m.kill_all(tree=True)
+        mine.stdin.close()
+        print("mine", mine.wait())
+        leader.kill()
+        leader.wait()
+    ''')
+    # sh in between: PID 1 is the checker's grandparent, not its parent.
+    out = subprocess.run(
+        ["sh", "-c", '"$0" -c "$1"; exit $?', sys.executable, checker],
+        capture_output=True, text=True, timeout=60,
+    )
+    print(out.stdout, out.stderr)
+    print("victim", "alive" if victim.poll() is None else "KILLED")
+    victim.kill()
+    victim.wait()
+    """
+)
+
+
+def _unshare_works() -> bool:
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"):
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["unshare", "-fp", "--mount-proc", "true"], timeout=TIMEOUT, capture_output=True
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare -fp (a PID namespace)")
+def test_kill_tree_and_add_process_refuse_trees_that_hold_the_caller(tmp_path: Any) -> None:
+    # kill_tree(1) froze and killed every process but our ancestors (and
+    # signalled PID 1 itself); nor may the grandparent's tree, the group we
+    # are in, or our own children's statuses be touched.
+    script = tmp_path / "refuse.py"
+    script.write_text(_REFUSE_SCRIPT)
+    out = subprocess.run(
+        ["unshare", "-fp", "--mount-proc", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_ENV,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    refused = [line for line in lines if line.startswith("refused ")]
+    assert len(refused) == 4, out.stdout
+    assert "is this process" in refused[0]
+    assert "is the parent of this process" in refused[1]
+    assert "PID 1 is an ancestor of this process" in refused[2]
+    assert "is the leader of this process's process group" in refused[3]
+    not_adopted = [line for line in lines if line.startswith("not adopted ")]
+    assert len(not_adopted) == 3, out.stdout
+    assert "PID 1 is an ancestor of this process" in not_adopted[2]
+    assert "KILLED" not in out.stdout
+    assert "mine 7" in lines, out.stdout  # our own child kept its status
+    assert "victim alive" in lines, out.stdout
+
+
+def test_kill_tree_never_steals_the_status_of_a_users_child(spawner: Any) -> None:
+    # The user's child exits (a zombie, not waited for yet); its background
+    # job lives on in its session. Killing that job's tree must leave the
+    # user's child for the user to reap.
+    p = spawner.popen(
+        ["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!; exit 3"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    job = int(p.stdout.readline())
+    p.stdout.close()
+    fd = os.pidfd_open(p.pid)
+    try:
+        assert exited(fd, TIMEOUT)  # exited: a zombie until somebody waits
+    finally:
+        os.close(fd)
+    fds = pin([job])
+    assert mproc.kill_tree(job, timeout=TIMEOUT) == [job]
+    assert settle(fds) == [True]
+    assert p.wait(TIMEOUT) == 3
+
+
+def _kernel_thread() -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if int(data[data.rfind(b")") + 2 :].split()[6]) & 0x00200000:  # PF_KTHREAD
+                return int(name)
+    pytest.skip("no kernel thread visible (a PID namespace)")
+
+
+def test_kernel_threads_are_neither_adopted_nor_tree_killed() -> None:
+    pid = _kernel_thread()
+    with pytest.raises(ValueError, match=rf"PID {pid} is a kernel thread"):
+        mproc.kill_tree(pid)
+    m = mproc.ProcessManager()
+    with pytest.raises(ValueError, match=rf"PID {pid} is a kernel thread"):
+        m.add_process(pid)
+    assert len(m) == 0
 
 
 # --- PID safety -----------------------------------------------------------------------------
@@ -524,20 +664,6 @@ _REUSE_SCRIPT = textwrap.dedent(
     print("SAFE")
     """
 )
-
-
-def _unshare_works() -> bool:
-    if os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"):
-        return False
-    try:
-        return (
-            subprocess.run(
-                ["unshare", "-fp", "--mount-proc", "true"], timeout=TIMEOUT, capture_output=True
-            ).returncode
-            == 0
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare -fp (a PID namespace)")
