@@ -124,7 +124,12 @@ class Admission:
                 elif key.data is self.wakeup:
                     self.wakeup.drain()
                 else:
-                    self._step(key.data)
+                    p: _Pending = key.data
+                    try:
+                        self._step(p)
+                    except Exception as err:  # a peer that hung up, a bug: that peer only
+                        if self.pending.get(p.sock.fileno()) is p:  # not handed over yet
+                            self._refuse(p, f"its handshake failed: {err!r}")
             self._expire()
 
     def _next_timeout(self) -> Optional[float]:
@@ -236,12 +241,17 @@ class Admission:
                 _try_send(sock, wire.frame(wire.FAILURE))
                 self._refuse(p, "wrong key (another runtime directory or key file?)")
                 return False
-            sock.sendall(wire.frame(wire.WELCOME))
+            if not _try_send(sock, wire.frame(wire.WELCOME)):
+                self._refuse(p, "it hung up during the handshake")
+                return False
         elif p.stage == 2:  # its challenge
             try:
-                sock.sendall(wire.frame(wire.answer(self.key, body)))
+                reply = wire.frame(wire.answer(self.key, body))
             except ValueError:
                 self._refuse(p, "it sent no valid challenge")
+                return False
+            if not _try_send(sock, reply):
+                self._refuse(p, "it hung up during the handshake")
                 return False
         elif p.stage == 3:  # its verdict on our key
             if body != wire.WELCOME:

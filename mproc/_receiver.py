@@ -63,6 +63,7 @@ _ASLEEP_CHECK = 10.0  # see _background_loop
 _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step down
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
 _PRUNE_EVERY = 1.0  # ...at most this often
+_KEEP_CREDIT = 256  # sending processes whose credit is kept before the dead are forgotten
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
 
@@ -129,6 +130,12 @@ class Receiver:
         self.new_peers: deque[Peer] = deque()  # admitted, not yet seen by a reader
         self.dying: deque[Peer] = deque()  # being dropped (finished by any reader)
         self.owed: deque[Peer] = deque()  # credit that did not fit: wait until writable
+        self.starving: deque[Group] = deque()  # groups with room again for starved senders
+        # Per sending PID, its credit (last seq routed, limit granted, per
+        # group): a new connection of the process carries on with it.
+        self.credit: dict[int, tuple[dict[bytes, int], dict[bytes, int]]] = {}
+        self.credit_limit = _KEEP_CREDIT
+        self.epoch = int.from_bytes(os.urandom(8), "big")  # told in HELLO: this mailbox
         self.partial: dict[Peer, None] = {}  # peers in the middle of a frame
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
@@ -150,7 +157,11 @@ class Receiver:
         self.wakeup = Wakeup()
         self.epoll.register(self.wakeup.fileno(), _EPOLLIN)
         self.admission = Admission(
-            lsock, runtime.key, self.path, wire.hello(max_frame, self.window), self._on_admit
+            lsock,
+            runtime.key,
+            self.path,
+            wire.hello(max_frame, self.window, self.epoch),
+            self._on_admit,
         )
         self.background = threading.Thread(
             target=self._background_loop, name="mproc-mailbox-reader", daemon=True
@@ -191,6 +202,16 @@ class Receiver:
             self.new_peers.popleft()
 
     def _activate(self, peer: Peer) -> None:
+        saved = self.credit.get(peer.pid)
+        if saved is not None and saved[0] is not peer.last_seq:
+            # The sender carries its credit over to its new connection (see
+            # _sender): so must we, or every reconnect would add a window.
+            peer.last_seq, peer.granted = saved
+            for raw, limit in list(peer.granted.items()):
+                self._send_credit(peer, raw, limit)  # ones it may not have read
+        self.credit[peer.pid] = (peer.last_seq, peer.granted)
+        if len(self.credit) > self.credit_limit:
+            self._forget_dead_senders()
         self.by_pid[peer.pid] = peer
         self.peers[peer.fd] = peer
         if not peer.active:
@@ -200,10 +221,17 @@ class Receiver:
                 pass
             peer.active = True
 
+    def _forget_dead_senders(self) -> None:
+        """Drop the credit kept for processes that are gone (amortised: the limit doubles)."""
+        for pid in list(self.credit):
+            if pid not in self.by_pid and rt.proc_identity(pid) is None:
+                del self.credit[pid]
+        self.credit_limit = max(_KEEP_CREDIT, 2 * len(self.credit))
+
     # ---------------------------------------------------------------- reading
 
-    def _pump(self, timeout: Optional[float]) -> None:
-        """Wait for and handle one batch of events (the caller leads).
+    def _pump(self, timeout: Optional[float]) -> int:
+        """Wait for and handle one batch of events (the caller leads); return how many.
 
         It first finishes what an interrupted reader left: control work (a
         wake-up already drained), bytes read and not yet parsed or routed.
@@ -216,7 +244,10 @@ class Receiver:
         if self.partial:
             self._expire_stalled()
             timeout = self.idle_limit / 4 if timeout is None else min(timeout, self.idle_limit / 4)
+        if self.starving:
+            self._release_starving()
         events = self.epoll.poll(-1 if timeout is None else timeout)
+        handled = 0
         for fd, mask in events:
             peer = self.peers.get(fd)
             if peer is None:
@@ -224,12 +255,16 @@ class Receiver:
                     self.wakeup.drain()
                     self._on_wake()
                 continue
+            handled += 1
             if mask & _EPOLLOUT:
                 self._regrant_all(peer)
             if mask & ~_EPOLLOUT:
                 self._on_readable(peer)
+        return handled
 
     def _on_wake(self) -> None:
+        if self.starving:
+            self._release_starving()
         if self.dying:
             self._finish_drops()
         if self.new_peers:
@@ -359,6 +394,13 @@ class Receiver:
         limit = peer.last_seq.get(raw, -1) + 1 + self.window
         if limit - peer.granted.get(raw, self.window) < max(1, self.window // 2):
             return
+        # Recorded first: the sender keeps the largest limit it was told, so
+        # one recorded and not sent costs nothing, and one sent and not
+        # recorded could make us take its next messages for a violation.
+        peer.granted[raw] = limit
+        self._send_credit(peer, raw, limit)
+
+    def _send_credit(self, peer: Peer, raw: bytes, limit: int) -> None:
         if peer.dead:
             return
         try:
@@ -368,30 +410,33 @@ class Receiver:
         except BlockingIOError:
             self.owed.append(peer)  # the sender is not reading: wait until it does
             self.wakeup.wake()
-            return
         except OSError:
-            return  # the reader sees the error on the next read
-        if limit > peer.granted.get(raw, 0):
-            peer.granted[raw] = limit
+            pass  # the reader sees the error on the next read
 
     def _regrant_all(self, peer: Peer) -> None:
-        """The peer became writable: send every credit it was owed."""
+        """The peer became writable: send it every limit it was granted."""
         try:
             self.epoll.modify(peer.fd, _EPOLLIN)
         except OSError:
             pass
-        for raw in list(peer.last_seq):
-            g = self.by_raw.get(raw)
-            if g is not None and len(g.queue) < self.max_queue:
-                self._grant(peer, raw)
+        for raw, limit in list(peer.granted.items()):
+            self._send_credit(peer, raw, limit)
 
-    def _release_starved(self, g: Group) -> None:
-        """A receive() made room in a full group: let its starved senders go on."""
-        if len(g.queue) >= self.max_queue:
-            return
-        for peer in list(g.starved):
-            self._grant(peer, g.raw)
-            g.starved.pop(peer, None)  # after the grant: an interrupt between repeats it
+    def _release_starving(self) -> None:
+        """Grant credit to the senders of groups a receive() made room in (reader only).
+
+        Only the reader changes ``Group.starved``; an interrupt between two
+        steps leaves the rest for the next pump, and a grant made twice is
+        harmless.
+        """
+        while self.starving:
+            g = self.starving[0]
+            if len(g.queue) < self.max_queue:
+                for peer in list(g.starved):
+                    if not peer.dead:
+                        self._grant(peer, g.raw)
+                    g.starved.pop(peer, None)
+            self.starving.popleft()
 
     # ---------------------------------------------------------------- dropping
 
@@ -522,8 +567,9 @@ class Receiver:
             if not slot:
                 g = self._take(g, slot, timeout)
             sender, payload, _peer, _raw, _seq = slot[0]
-            if g.starved:
-                self._release_starved(g)
+            if g.starved and len(g.queue) < self.max_queue:
+                self.starving.append(g)  # the reader grants them credit again
+                self.wakeup.wake()
             try:
                 data = pickle.loads(payload)
             except Exception as err:
@@ -595,25 +641,36 @@ class Receiver:
                     self.reading = _CONSUMER
                     if not g.queue and not self.closed:
                         try:
-                            self._pump(None if remaining is None else max(remaining, 0.0))
+                            if expired:
+                                # A poll: read everything already sent, even behind
+                                # other groups' bytes (one pass reads 64 KiB a peer).
+                                passes = 0
+                                while self._pump(0.0) and not g.queue and passes < 1000:
+                                    passes += 1
+                            else:
+                                self._pump(remaining)
                         except (OSError, ValueError):
                             # close_mailbox() closed the epoll under us (a signal
                             # handler of this thread): say so below, not this.
                             if not self.closed:
                                 raise
                     self._prune()
-                    self.reading = _NOBODY
             finally:
-                # First call of the clause: whatever raised above, and wherever,
-                # the lock is released if this thread took it.
+                if leading:
+                    self.reading = _NOBODY  # a store: no signal handler runs before it
+                # The first call of the clause: whatever raised above, and
+                # wherever, the lock is released if this thread took it...
                 try:
                     self.leader_lock.release()  # an RLock: raises unless this thread holds it
                 except RuntimeError:
                     pass
+                else:
+                    # ...and, also when a signal handler raised, whoever waits is
+                    # woken and the background reader takes over if need be.
+                    self.last_consumer = time.monotonic()
+                    self._ring()
+                    self._wake_sleepers()
             if leading:
-                self.last_consumer = time.monotonic()
-                self._ring()
-                self._wake_sleepers()
                 continue
             if self.reading is _BACKGROUND:
                 self.lead_request = time.monotonic()
@@ -703,7 +760,7 @@ class Receiver:
     def forget_after_fork(self) -> None:
         """Drop the parent's mailbox in a forked child without touching the parent's."""
         self.admission.forget_after_fork()
-        for peer in list(self.peers.values()) + list(self.new_peers):
+        for peer in list(self.peers.values()) + list(self.new_peers) + list(self.dying):
             peer.sock.close()
         for peer in list(self.by_pid.values()):
             nxt = peer.successor

@@ -43,6 +43,7 @@ __all__ = ["MAX_LINKS", "Link", "deliver", "forget_after_fork", "retire_all"]
 
 #: Connections kept open per process; idle ones beyond this are closed, oldest first.
 MAX_LINKS = 128
+_MAX_CREDIT = 1024  # receivers whose credit is remembered across connections
 _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
@@ -106,6 +107,9 @@ class _Links:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.by_pid: OrderedDict[int, Link] = OrderedDict()
+        # (pid, mailbox epoch) -> (seqs, limits): credit kept across connections.
+        self.credit: OrderedDict[tuple[int, int], tuple[dict[bytes, int], dict[bytes, int]]]
+        self.credit = OrderedDict()
 
 
 _links = _Links()
@@ -485,13 +489,24 @@ def _handshake(
     io.send(wire.WELCOME)
     io.sock.sendall(wire.hello())
     try:
-        _version, max_frame, window = wire.parse_hello(io.recv("its HELLO"))
+        _version, max_frame, window, epoch = wire.parse_hello(io.recv("its HELLO"))
     except ValueError as err:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
         ) from err
     sock.settimeout(None)
-    return Link(sock, pid, path, max_frame, max(window, 1))
+    link = Link(sock, pid, path, max_frame, max(window, 1))
+    # The credit of this process with that mailbox (named by its epoch) goes
+    # on from the last connection: the receiver carries it over too, so a
+    # reconnect does not add a window to what a full group holds.
+    with _links.lock:
+        saved = _links.credit.pop((pid, epoch), None)
+        if saved is not None:
+            link.seqs, link.limits = saved
+        _links.credit[(pid, epoch)] = (link.seqs, link.limits)
+        while len(_links.credit) > _MAX_CREDIT:
+            _links.credit.popitem(last=False)  # the receiver accepts a fresh start too
+    return link
 
 
 class _Blocking:

@@ -9,7 +9,8 @@ kind       direction           body after the kind byte
 =========  ==================  ===================================================
 ``MSG``    sender → receiver   ``!H`` group length, ``!Q`` seq, group, pickle
 ``CREDIT`` receiver → sender   ``!H`` group length, ``!Q`` limit, group
-``HELLO``  both                ``!H`` protocol, ``!Q`` max frame, ``!I`` window
+``HELLO``  both                ``!H`` protocol, ``!Q`` max frame, ``!I`` window,
+                               ``!Q`` epoch (a random number naming this mailbox)
 =========  ==================  ===================================================
 
 *Flow control* is credit-based, per (connection, group), as HTTP/2 streams
@@ -69,7 +70,7 @@ KIND_HELLO = 3
 LEN = struct.Struct("!i")  # multiprocessing's frame length...
 LEN64 = struct.Struct("!Q")  # ...and its extension past 2 GiB
 HEAD = struct.Struct("!BHQ")  # kind, group length, seq (MSG) or limit (CREDIT)
-HELLO = struct.Struct("!BHQI")  # kind, protocol, max frame, window
+HELLO = struct.Struct("!BHQIQ")  # kind, protocol, max frame, window, epoch
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head, read at once
 
 CHALLENGE = b"#CHALLENGE#"
@@ -107,13 +108,13 @@ def credit(group: bytes, limit: int) -> bytes:
     return frame(HEAD.pack(KIND_CREDIT, len(group), limit) + group)
 
 
-def hello(max_frame: int = 0, window: int = 0) -> bytes:
+def hello(max_frame: int = 0, window: int = 0, epoch: int = 0) -> bytes:
     """A whole HELLO frame (the sender's carries only the protocol version)."""
-    return frame(HELLO.pack(KIND_HELLO, PROTOCOL, max_frame, window))
+    return frame(HELLO.pack(KIND_HELLO, PROTOCOL, max_frame, window, epoch))
 
 
-def parse_hello(body: Buffer) -> tuple[int, int, int]:
-    """Return ``(protocol, max_frame, window)`` of a HELLO body.
+def parse_hello(body: Buffer) -> tuple[int, int, int, int]:
+    """Return ``(protocol, max_frame, window, epoch)`` of a HELLO body.
 
     Raises:
         ValueError: not a HELLO, or of another protocol version (the message
@@ -129,8 +130,8 @@ def parse_hello(body: Buffer) -> tuple[int, int, int]:
             f"the peer speaks mproc mailbox protocol {version}, this process speaks "
             f"{PROTOCOL}: both must run the same mproc version"
         )
-    _kind, version, max_frame, window = HELLO.unpack(body)
-    return version, max_frame, window
+    _kind, version, max_frame, window, epoch = HELLO.unpack(body)
+    return version, max_frame, window, epoch
 
 
 #: A frame cut out of a stream: (kind, raw group, seq or limit, payload view).
