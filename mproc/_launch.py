@@ -48,11 +48,13 @@ from ._identity import ENV_PPID
 
 __all__ = [
     "ENV_CONTAIN",
+    "MEMFD_PREFIX",
     "Env",
     "Plan",
     "child_env",
     "child_setup",
     "die_with",
+    "mark_memory",
     "on_launcher_thread",
     "plan",
     "plan_shell",
@@ -72,6 +74,14 @@ _SH = "/bin/sh"
 
 # linux/prctl.h
 _PR_SET_PDEATHSIG = 1
+
+#: The name prefix of the memfd mappings that carry the chain in a Python
+#: child's memory (see :func:`mark_memory`); ``/proc/<pid>/maps`` shows
+#: ``/memfd:<prefix><element> (deleted)``.
+MEMFD_PREFIX = "mproc-contain:"
+# sys/mman.h
+_PROT_READ = 0x1
+_MAP_SHARED = 0x01
 
 _T = TypeVar("_T")
 
@@ -226,10 +236,11 @@ def plan_shell(*, marked: bool) -> Optional[Plan]:
 
 
 class _Prctl:
-    """``prctl(2)`` through ctypes, loaded once (never in a freshly forked child)."""
+    """``prctl(2)`` and ``mmap(2)`` through ctypes, loaded once (never in a fresh fork child)."""
 
     def __init__(self) -> None:
         self.func: Optional[Callable[..., int]] = None
+        self.mmap: Optional[Callable[..., Optional[int]]] = None
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -237,8 +248,19 @@ class _Prctl:
                 func.restype = ctypes.c_int
                 func.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
                 self.func = func
+                mmap = libc.mmap
+                mmap.restype = ctypes.c_void_p
+                mmap.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.c_long,
+                ]
+                self.mmap = mmap
             except (OSError, AttributeError):
-                self.func = None
+                self.func = self.mmap = None
 
 
 _prctl = _Prctl()
@@ -268,6 +290,48 @@ def child_setup(p: Plan, parent: int) -> None:
         _prctl.func(_PR_SET_PDEATHSIG, signal.SIGKILL, 0)
         if os.getppid() != parent:
             os._exit(1)  # our launcher is gone already: it wanted us dead with it
+
+
+def mark_memory(chain: str) -> None:
+    """In a Process child: carry the containment chain in this process's memory too.
+
+    A Python child runs no ``exec``, so its ``/proc/<pid>/environ`` is its
+    launcher's (setting ``os.environ`` reaches only the programs it runs).
+    A pure-Python daemon it starts (``fork(); setsid(); fork()``, no exec)
+    would carry no marker at all. Memory mappings are inherited through
+    ``fork`` (and dropped at ``exec``, where the environment takes over):
+    one read-only mapping of an empty memfd per chain element, named after
+    it, shows in ``/proc/<pid>/maps`` of every such descendant. No
+    descriptor is kept; best effort (no memfd or libc: the environment only).
+
+    Args:
+        chain: the ``MPROC_CONTAIN`` value of this child.
+    """
+    mmap = _prctl.mmap
+    create = getattr(os, "memfd_create", None)
+    if mmap is None or create is None:
+        return
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            mapped = f.read()
+    except OSError:
+        mapped = b""
+    size = os.sysconf("SC_PAGE_SIZE")
+    for element in chain.split():
+        name = MEMFD_PREFIX + element
+        if f"/memfd:{name} ".encode() in mapped:
+            continue  # inherited through fork from a contained parent
+        try:
+            fd = create(name, getattr(os, "MFD_CLOEXEC", 1))
+        except OSError:
+            return
+        try:
+            os.ftruncate(fd, size)  # mapping past the end would fault; no page is ever touched
+            mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
 
 
 def start_ticks(pid: int) -> int:

@@ -305,6 +305,7 @@ class Process(_Stoppable, multiprocessing.Process):
             # The chain goes into os.environ, so every program this child
             # runs carries it in /proc/<pid>/environ (see mproc._launch).
             os.environ[_launch.ENV_CONTAIN] = p.chain
+            _launch.mark_memory(p.chain)
             if self._mproc_parent:
                 _launch.child_setup(p, self._mproc_parent)
             else:  # a forkserver child: its parent is not its launcher

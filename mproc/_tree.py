@@ -35,7 +35,7 @@ from typing import Optional
 
 from . import _check
 from ._errors import NoSuchProcess
-from ._launch import ENV_CONTAIN
+from ._launch import ENV_CONTAIN, MEMFD_PREFIX
 
 __all__ = [
     "Root",
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _MARKER_KEY = ENV_CONTAIN.encode() + b"="
+_MEMFD_TAG = b"/memfd:" + MEMFD_PREFIX.encode()
 # A round of search-and-freeze finds what the previous round's members forked
 # before they were stopped; a fork bomb could keep it going, so bound it.
 _MAX_ROUNDS = 64
@@ -137,16 +138,27 @@ def _scan() -> dict[int, _Stat]:
     return procs
 
 
-def _markers_of(pid: int) -> Sequence[bytes]:
+def _carries(pid: int, markers: set[bytes]) -> bool:
+    """Whether ``pid`` carries one of ``markers``: in its environment, or its memory maps."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
     except OSError:  # another user's process, or gone
-        return ()
+        return False
     for var in env.split(b"\0"):
         if var.startswith(_MARKER_KEY):
-            return var[len(_MARKER_KEY) :].split()
-    return ()
+            if markers.intersection(var[len(_MARKER_KEY) :].split()):
+                return True
+            break
+    # A Python descendant that forked without exec (see _launch.mark_memory).
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    if _MEMFD_TAG not in maps:
+        return False
+    return any(_MEMFD_TAG + m + b" " in maps for m in markers)
 
 
 def ancestors() -> set[int]:
@@ -255,28 +267,45 @@ def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Me
     found: set[int] = set()
     # Never our own group: it holds us and the children the user started.
     groups = {r.pid for r in roots if r.group} - {os.getpgid(0)}
-    markers = {r.marker.encode() for r in roots if r.marker}
     for r in roots:
         if r.alive and r.pid in procs:
             found.add(r.pid)
     for pid, st in procs.items():
-        if st.kthread:
-            continue  # a kernel thread is nobody's descendant and ignores signals
-        if st.pgid in groups or (
-            markers and not st.zombie and markers.intersection(_markers_of(pid))
-        ):
+        if st.pgid in groups and not st.kthread:
             found.add(pid)
-    # Descendants by parent PID, to the bottom.
     children: dict[int, list[int]] = {}
     for pid, st in procs.items():
-        if not st.kthread:
+        if not st.kthread:  # a kernel thread is nobody's descendant and ignores signals
             children.setdefault(st.ppid, []).append(pid)
-    stack = list(found | set(members))
-    while stack:
-        for kid in children.get(stack.pop(), ()):
-            if kid not in found and kid not in members:
-                found.add(kid)
-                stack.append(kid)
+
+    def descend(seeds: Iterable[int]) -> None:
+        stack = list(seeds)
+        while stack:
+            for kid in children.get(stack.pop(), ()):
+                if kid not in found and kid not in members:
+                    found.add(kid)
+                    stack.append(kid)
+
+    descend(found | set(members))
+    markers = {r.marker.encode() for r in roots if r.marker}
+    if markers:
+        # Marked processes outside the trees found so far (they escaped).
+        # Each started after its root: while every root is alive (so its
+        # PID is still its own), older processes need not be read.
+        live = [procs[r.pid].start for r in roots if r.alive and r.pid in procs]
+        since = min(live) if len(live) == len(roots) else 0
+        escaped = [
+            pid
+            for pid, st in procs.items()
+            if pid not in found
+            and pid not in members
+            and not st.zombie
+            and not st.kthread
+            and st.start >= since
+            and _carries(pid, markers)
+        ]
+        found.update(escaped)
+        descend(escaped)
     return found - set(members)
 
 

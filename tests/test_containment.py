@@ -139,6 +139,31 @@ def test_leaving_the_block_stops_every_descendant(method: str, runtime_dir: str)
     forget_sockets(runtime_dir, [p.pid, *pids])  # type: ignore[list-item]
 
 
+def _daemonize_without_exec(conn: Connection) -> None:
+    """The classic pure-Python daemon: fork, setsid, fork, no exec; report its PID, block."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        conn.send(os.getpid())
+        select.select([], [], [])
+    os.waitpid(middle, 0)
+    select.select([], [], [])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pure_python_daemon_of_a_process_is_stopped(method: str) -> None:
+    # It never execs: its /proc environ is the manager's, without a marker;
+    # it left the group and its parent. Its memory still carries the marker.
+    r, w = multiprocessing.Pipe(duplex=False)
+    with mproc.ProcessManager() as m:
+        m.start(mproc.Process(target=_daemonize_without_exec, args=(w,), start_method=method))
+        fds = pin([_recv(r)])
+    assert exited(fds[0])
+    assert settle(fds) == [True]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_process_that_ignores_sigterm_is_killed_with_its_tree(
     method: str, runtime_dir: str
