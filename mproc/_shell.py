@@ -32,6 +32,7 @@ from . import _check, _launch, _tree
 from ._errors import ShellError, ShellTimeout
 from ._launch import Env
 from ._log import logger as _log
+from ._wakeup import Wakeup
 
 __all__ = ["shell", "shell_exec", "shell_run"]
 
@@ -219,7 +220,7 @@ class _Pumps:
     """Threads copying between file-likes without a fileno and the command's pipes."""
 
     def __init__(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
+        self._stop = Wakeup()  # never drained: once woken, every poll sees it
         self._threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
 
@@ -230,12 +231,12 @@ class _Pumps:
 
     def _ready(self, poller: Any) -> bool:
         """Block until the pipe is ready; ``False`` once :meth:`close` stopped us."""
-        return all(fd != self._wake_r for fd, _ in poller.poll())
+        return all(fd != self._stop.fileno() for fd, _ in poller.poll())
 
     def _poller(self, fd: int, events: int) -> Any:
         poller = select.poll()  # not select.select: it fails for fds >= FD_SETSIZE
         poller.register(fd, events)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._stop.fileno(), select.POLLIN)
         return poller
 
     def feed(self, source: Any, pipe: IO[bytes]) -> None:
@@ -312,13 +313,12 @@ class _Pumps:
     def close(self) -> None:
         """Let the threads finish (bounded), then stop them; raise nothing."""
         if not self.join(_REAP_TIMEOUT):
-            os.write(self._wake_w, b"x")
+            self._stop.wake()
             if not self.join(_REAP_TIMEOUT):
-                # Stuck in the caller's read()/write(): keep the wake pipe open for it.
+                # Stuck in the caller's read()/write(): keep the wake-up open for it.
                 _log.warning("a shell pump thread is stuck in a read or write of the caller's")
                 return
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._stop.close()
 
 
 def _write_all(sink: Any, data: bytes) -> None:

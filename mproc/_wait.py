@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from ._errors import NoSuchProcess
 from ._log import logger
+from ._wakeup import Wakeup
 
 __all__ = ["Watch", "pidfd_open", "watch"]
 
@@ -234,8 +235,7 @@ class _Reaper:
         self._callback_lock = threading.Lock()
         self._pending: list[Watch] = []
         self._selector: Optional[selectors.BaseSelector] = None
-        self._wake_r = -1
-        self._wake_w = -1
+        self._wakeup: Optional[Wakeup] = None
         self._thread: Optional[threading.Thread] = None
 
     def add(self, w: Watch) -> None:
@@ -243,26 +243,20 @@ class _Reaper:
             self._pending.append(w)
             if self._thread is None:
                 self._start()
-            wake_w = self._wake_w
-        try:
-            os.write(wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the thread is going to wake up anyway
+            wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
 
     def _start(self) -> None:
         self._selector = selectors.DefaultSelector()
-        # os.pipe() fds are close-on-exec; non-blocking so a full pipe never
-        # stalls add() and draining never stalls the thread.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wakeup = Wakeup()
+        self._selector.register(self._wakeup.fileno(), selectors.EVENT_READ, None)
         self._thread = threading.Thread(
-            target=self._run, args=(self._selector, self._wake_r), name="mproc-reaper", daemon=True
+            target=self._run, args=(self._selector, self._wakeup), name="mproc-reaper", daemon=True
         )
         self._thread.start()
 
-    def _run(self, selector: selectors.BaseSelector, wake_r: int) -> None:
+    def _run(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
         polled: list[Watch] = []
         delay = _POLL_MIN
         while True:
@@ -276,7 +270,7 @@ class _Reaper:
                 ready = selector.select(delay if polled else None)
                 for key, _ in ready:
                     if key.data is None:
-                        self._drain(wake_r)
+                        wakeup.drain()
                         continue
                     w = key.data
                     selector.unregister(key.fd)
@@ -302,14 +296,6 @@ class _Reaper:
                 logger.debug("cannot watch pidfd of PID %d (%s); polling", w.pid, err)
                 w._close_pidfd()
         polled.append(w)
-
-    @staticmethod
-    def _drain(fd: int) -> None:
-        try:
-            while os.read(fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _check(self, w: Watch, now: float) -> bool:
         if self._collect(w):
@@ -339,12 +325,8 @@ class _Reaper:
                 self._selector.close()
             except OSError:
                 pass
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if self._wakeup is not None:
+            self._wakeup.close()
         for w in list(_all_watches):
             w._lock = threading.Lock()
             pidfd, w._pidfd = w._pidfd, None
