@@ -18,15 +18,15 @@ from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import mproc
-import mproc._mailbox
+import mproc._sender
 
 from ._common import FORK, Children, Config, Gate, Row, Target, message, watchdog
 
 _TIMEOUT = 30.0
-#: The sender's connection cache (mproc._mailbox._MAX_LINKS) plus room for the
+#: The sender's connection cache (mproc._sender.MAX_LINKS) plus room for the
 #: socket being connected before the oldest is evicted, a dup() while setting
 #: its timeouts, and the directory fd of the count itself.
-_LINKS = int(getattr(mproc._mailbox, "_MAX_LINKS", 128))
+_LINKS = mproc._sender.MAX_LINKS
 _SLACK = 4
 
 
