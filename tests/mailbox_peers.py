@@ -16,15 +16,16 @@ import os
 import pickle
 import select
 import socket
-import struct
 import sys
 import threading
 import time
 from multiprocessing import connection as mpc
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import mproc
-from mproc import _transport as tr
+from mproc import _runtime as rt
+from mproc import _sender
+from mproc import _wire as wire
 
 #: The bound on every wait that is expected to succeed.
 WAIT = 10.0
@@ -102,26 +103,152 @@ def mailbox_path(rundir: str, pid: int) -> str:
     return found[0]
 
 
-def frame(group: str, obj: Any = None, *, payload: Optional[bytes] = None, kind: int = 0) -> bytes:
-    """The body of one mailbox frame, as ``Connection.send_bytes`` takes it."""
-    raw = group.encode("utf-8", "surrogatepass")
+def payload_of(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=5)
+
+
+def msg_frame(
+    group: Union[str, bytes], obj: Any = None, *, seq: int = 0, payload: Optional[bytes] = None
+) -> bytes:
+    """A whole MSG frame (length prefix included), built with :mod:`mproc._wire`."""
+    raw = group if isinstance(group, bytes) else group.encode("utf-8", "surrogatepass")
     if payload is None:
-        payload = pickle.dumps(obj, protocol=5)
-    return struct.pack("!BH", kind, len(raw)) + raw + payload
+        payload = payload_of(obj)
+    return wire.msg_prefix(raw, seq, len(payload)) + payload
 
 
-def frame_with_raw_group(raw_group: bytes, obj: Any) -> bytes:
-    return struct.pack("!BH", 0, len(raw_group)) + raw_group + pickle.dumps(obj, protocol=5)
+class Refused(Exception):
+    """The mailbox refused our handshake (``verdict`` is what it said, ``b""``: it hung up)."""
+
+    def __init__(self, step: str, verdict: bytes) -> None:
+        super().__init__(f"refused at {step}: {verdict!r}")
+        self.step = step
+        self.verdict = verdict
 
 
-def wire(body: bytes) -> bytes:
-    """``body`` with multiprocessing's length prefix: the bytes ``send_bytes`` writes."""
-    return struct.pack("!i", len(body)) + body
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"the mailbox closed the connection after {len(data)} of {n} bytes")
+        data += chunk
+    return data
 
 
-def authed(pid: int) -> mpc.Connection:
-    """An authenticated connection to ``pid``'s mailbox, for writing crafted frames."""
-    return tr.connect(tr.runtime(), pid, time.monotonic() + WAIT)[0]
+def read_frame(sock: socket.socket) -> bytes:
+    """Read one length-prefixed frame (a handshake message or a HELLO) and return its body."""
+    (size,) = wire.LEN.unpack(_exactly(sock, wire.LEN.size))
+    assert 0 < size <= wire.MAX_HANDSHAKE_FRAME, f"a {size}-byte handshake frame"
+    return _exactly(sock, size)
+
+
+def handshake(sock: socket.socket, key: bytes) -> tuple[int, int]:
+    """Do a sender's side of the 0.2 handshake on ``sock``; return ``(max_frame, window)``.
+
+    Raises:
+        Refused: the mailbox said FAILURE or hung up instead of answering.
+    """
+    try:
+        theirs = read_frame(sock)
+    except EOFError:
+        raise Refused("the challenge", b"") from None
+    sock.sendall(wire.frame(wire.answer(key, theirs)))
+    try:
+        verdict = read_frame(sock)
+    except (EOFError, ConnectionResetError):
+        raise Refused("the verdict on our key", b"") from None
+    if verdict != wire.WELCOME:
+        raise Refused("the verdict on our key", verdict)
+    mine = wire.challenge()
+    sock.sendall(wire.frame(mine))
+    assert wire.verify(key, mine, read_frame(sock)), "the mailbox does not know the key"
+    sock.sendall(wire.frame(wire.WELCOME))
+    sock.sendall(wire.hello())
+    # (protocol, max_frame, window, ...): later fields are not this helper's business.
+    version, max_frame, window = wire.parse_hello(read_frame(sock))[:3]
+    assert version == wire.PROTOCOL
+    return max_frame, window
+
+
+def raw_connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.connect(path)
+    return sock
+
+
+class RawSender:
+    """A connection that passed the real handshake, for writing crafted frames.
+
+    It numbers each group's MSG frames ``0, 1, 2...`` as a real sender does
+    (the receiver's HELLO announced a window: every test here stays under it).
+    """
+
+    def __init__(self, sock: socket.socket, pid: int, max_frame: int, window: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.max_frame = max_frame
+        self.window = window
+        self.seqs: dict[bytes, int] = {}
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def msg(
+        self, group: Union[str, bytes], obj: Any = None, *, payload: Optional[bytes] = None
+    ) -> bytes:
+        """The next MSG frame of ``group`` (it takes the next sequence number)."""
+        raw = group if isinstance(group, bytes) else group.encode("utf-8", "surrogatepass")
+        seq = self.seqs.get(raw, 0)
+        assert seq < self.window, "a test frame beyond the receiver's window"
+        self.seqs[raw] = seq + 1
+        return msg_frame(raw, obj, seq=seq, payload=payload)
+
+    def send(
+        self, group: Union[str, bytes], obj: Any = None, *, payload: Optional[bytes] = None
+    ) -> None:
+        self.write(self.msg(group, obj, payload=payload))
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def is_dropped(self, timeout: float = WAIT) -> bool:
+        """Whether the mailbox closes this connection within ``timeout``.
+
+        All a mailbox may write on a sender's connection is CREDIT frames:
+        anything else read before the end fails the test.
+        """
+        try:
+            data = read_until_eof(self.sock, timeout)
+        except TimeoutError:
+            return False
+        _frames, used, _need, bad = wire.parse(data, 1 << 20, frozenset({wire.KIND_CREDIT}))
+        assert bad is None and used == len(data), f"the mailbox wrote {data!r}"
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def authed(pid: int) -> RawSender:
+    """A connection to ``pid``'s mailbox that passed the real handshake."""
+    runtime = rt.runtime()
+    identity = rt.proc_identity(pid)
+    assert identity is not None, f"PID {pid} is gone"
+    sock = raw_connect(rt.socket_path(runtime, pid, identity))
+    try:
+        max_frame, window = handshake(sock, runtime.key)
+    except BaseException:
+        sock.close()
+        raise
+    return RawSender(sock, pid, max_frame, window)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -142,17 +269,6 @@ def read_until_eof(sock: socket.socket, timeout: float = WAIT) -> bytes:
             data += chunk
     except ConnectionResetError:
         return data
-
-
-def is_dropped(conn: mpc.Connection, timeout: float = WAIT) -> bool:
-    """Whether the mailbox closed this sending connection (it never writes on one)."""
-    if not conn.poll(timeout):
-        return False
-    try:
-        conn.recv_bytes()
-    except (EOFError, ConnectionResetError):
-        return True
-    return False
 
 
 # ---------------------------------------------------------------- child processes
@@ -233,6 +349,17 @@ def open_when_told(rundir: str, parent: int, go: Any) -> None:
         mproc.close_mailbox()
 
 
+def try_send(rundir: str, parent: int, timeout: float, report: mpc.Connection) -> None:
+    """Send once; report ``(exception class name, message, pid, path)`` or ``"sent"``."""
+    use_runtime(rundir)
+    try:
+        mproc.send(parent, "try", timeout=timeout)
+    except mproc.MprocError as err:
+        report.send((type(err).__name__, str(err), err.pid, err.path))
+        return
+    report.send(("sent", "", None, None))
+
+
 def flood(
     rundir: str, parent: int, count: int, size: int, timeout: float, report: mpc.Connection
 ) -> None:
@@ -262,9 +389,9 @@ def half_frame_then_wait(rundir: str, parent: int, report: mpc.Connection) -> No
     """Send one whole frame and half of the next, say so, then wait to be killed."""
     use_runtime(rundir)
     conn = authed(parent)
-    conn.send_bytes(frame("", "before"))
-    data = wire(frame("", "never whole " * 100))
-    write_all(conn.fileno(), data[: len(data) // 2])
+    conn.send("", "before")
+    data = conn.msg("", "never whole " * 100)
+    conn.write(data[: len(data) // 2])
     report.send("written")
     report.poll(60)  # the test SIGKILLs us long before this
 
@@ -282,14 +409,14 @@ def load_key(rundir: str, start: Any, out: mpc.Connection) -> None:
     use_runtime(rundir)
     if not start.wait(WAIT):
         sys.exit(2)
-    out.send(tr.runtime().key)
+    out.send(rt.runtime().key)
 
 
 def report_fork_state(rundir: str, parent: int) -> None:
     """In a forked child: report the inherited mailbox state, then talk to the parent."""
     use_runtime(rundir)
     state = sys.modules["mproc._mailbox"]._state
-    before = (state.mailbox is None, len(state.links))
+    before = (state.receiver is None, len(_sender._links.by_pid))
     mproc.send(parent, ("state", os.getpid(), before), "fork", timeout=WAIT)
     msg = mproc.receive("to-child", timeout=WAIT)
     mproc.send(parent, ("got", msg.sender_pid, msg.data), "fork", timeout=WAIT)
@@ -343,12 +470,12 @@ def count_lookups(monkeypatch: Any, target: int) -> threading.Semaphore:
     waiting for one: a handshake, not a sleep.
     """
     lookups = threading.Semaphore(0)
-    real_socket_path = tr.socket_path
+    real_socket_path = rt.socket_path
 
-    def counting_socket_path(rt: tr.Runtime, pid: int, identity: str) -> str:
+    def counting_socket_path(runtime: rt.Runtime, pid: int, identity: str) -> str:
         if pid == target:
             lookups.release()
-        return real_socket_path(rt, pid, identity)
+        return real_socket_path(runtime, pid, identity)
 
-    monkeypatch.setattr(tr, "socket_path", counting_socket_path)
+    monkeypatch.setattr(rt, "socket_path", counting_socket_path)
     return lookups

@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from mailbox_peers import WAIT, Kids, me
 
 import mproc
-from mproc import _mailbox, _receiver
+from mproc import _mailbox, _receiver, _sender
+from mproc import _runtime as rt
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-specific checks"),
@@ -65,7 +66,7 @@ def test_send_to_self_round_trip() -> None:
 
 
 def test_receive_opens_the_mailbox(runtime_dir: str) -> None:
-    assert _mailbox._state.mailbox is None
+    assert _mailbox._state.receiver is None
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive(timeout=0)
     path = peers.mailbox_path(runtime_dir, me())
@@ -239,12 +240,13 @@ def test_receive_timeout_zero_returns_a_delivered_message(reader: str) -> None:
     # send() returns once this process holds the message, so a poll must see
     # it, whoever is reading the sockets at the time.
     mproc.open_mailbox()
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
     for i in range(20):
         if reader == "idle":
             peers.wait_for(
-                lambda: mailbox.leader == _receiver._BACKGROUND, "the background reader to lead"
+                lambda: receiver.reading is _receiver.Reading.BACKGROUND,
+                "the background reader to lead",
             )
         mproc.send(me(), i)
         assert mproc.receive(timeout=0).data == i
@@ -252,15 +254,16 @@ def test_receive_timeout_zero_returns_a_delivered_message(reader: str) -> None:
 
 def test_receive_timeout_zero_sees_what_another_process_sent(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
     ack_r, ack_w = multiprocessing.get_context("fork").Pipe()
     child = kids.start(_send_when_told, runtime_dir, me(), 10, ack_w)
     try:
         for i in range(10):
             # Idle here: the background thread is the one reading the sockets.
             peers.wait_for(
-                lambda: mailbox.leader == _receiver._BACKGROUND, "the background reader to lead"
+                lambda: receiver.reading is _receiver.Reading.BACKGROUND,
+                "the background reader to lead",
             )
             ack_r.send("go")
             assert ack_r.poll(WAIT)
@@ -333,11 +336,16 @@ def test_send_to_a_live_pid_that_never_opens_a_mailbox(spawner: Any, runtime_dir
     assert "open_mailbox" in str(err)
 
 
-def test_send_to_self_without_a_mailbox_times_out() -> None:
+def test_send_to_self_opens_the_mailbox(runtime_dir: str) -> None:
+    # Nobody else would open it: send() to one's own PID does (SPEC §5).
+    assert _mailbox._state.receiver is None
     start = time.monotonic()
-    with pytest.raises(mproc.MailboxNotFound, match=f"PID {me()}"):
-        mproc.send(me(), "x", timeout=0.2)
-    assert 0.2 <= time.monotonic() - start < 2.2
+    mproc.send(me(), "to myself", "self", timeout=0.2)
+    assert time.monotonic() - start < 0.2
+    assert _mailbox._state.receiver is not None
+    assert stat.S_ISSOCK(os.stat(peers.mailbox_path(runtime_dir, me())).st_mode)
+    msg = mproc.receive("self", timeout=WAIT)
+    assert msg == mproc.Msg(me(), me(), "self", "to myself")
 
 
 def test_send_to_a_pid_that_does_not_exist(spawner: Any) -> None:
@@ -447,20 +455,30 @@ def test_no_message_lost_from_many_processes(kids: Kids, runtime_dir: str) -> No
 def test_full_mailbox_blocks_the_sender_then_raises_mailbox_full(
     kids: Kids, runtime_dir: str
 ) -> None:
-    mproc.open_mailbox(max_queue=5)
+    max_queue = 5
+    mproc.open_mailbox(max_queue=max_queue)
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    window = receiver.window
+    assert window == min(rt.DEFAULT_WINDOW, max_queue)
     report_r, report_w = multiprocessing.get_context("fork").Pipe(duplex=False)
     child = kids.start(peers.flood, runtime_dir, me(), 20, MiB, 0.3, report_w)
-    # This process does not receive: only the queue and the socket buffers hold messages.
+    # This process does not receive: the group holds max_queue messages plus
+    # at most one window per sending connection, then the sender gets no credit.
     assert report_r.poll(WAIT), "the sender neither finished nor reported MailboxFull"
     outcome, stopped_at, text, err_pid, err_group = report_r.recv()
     assert kids.finish(child) == 0
     assert outcome == "full"
-    assert 5 <= stopped_at < 20
+    assert max_queue <= stopped_at <= max_queue + window
     assert err_pid == me()
     assert err_group == ""
     assert f"PID {me()}" in text
     assert "''" in text  # the group
     assert "not delivered" in text
+    # Once the child's connection has ended, all it sent is here: exactly the
+    # messages whose send() returned.
+    peers.wait_for(lambda: child.pid not in receiver.by_pid, "the child's connection to end")
+    assert receiver.depths() == {"": stopped_at, "hello": 1}
     # Every send() that returned was delivered, in order; the failed one was not.
     for i in range(stopped_at):
         data = mproc.receive(timeout=WAIT).data
@@ -472,31 +490,44 @@ def test_full_mailbox_blocks_the_sender_then_raises_mailbox_full(
 def test_back_pressure_holds_bounded_memory_and_delivers_everything(
     kids: Kids, runtime_dir: str
 ) -> None:
-    mproc.open_mailbox(max_queue=5)
+    max_queue = 5
+    mproc.open_mailbox(max_queue=max_queue)
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    window = receiver.window
     report_r, report_w = multiprocessing.get_context("fork").Pipe(duplex=False)
     child = kids.start(peers.flood, runtime_dir, me(), 20, MiB, 60.0, report_w)
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
 
-    def sender_is_paused() -> bool:
-        group = mailbox.groups.get("")
-        return group is not None and len(group.queue) == 5 and bool(group.paused)
+    def credit_used_up() -> bool:
+        # The group is full, the sender was refused more credit, and all the
+        # credit it had is in the queue: it can send nothing more until we receive.
+        peer = receiver.by_pid.get(child.pid)
+        group = receiver.groups.get("")
+        if peer is None or group is None or peer not in group.starved:
+            return False
+        return len(group.queue) == peer.granted.get(b"", window)
 
-    peers.wait_for(sender_is_paused, "the mailbox to stop reading the sender")
+    peers.wait_for(credit_used_up, "the sender to use up its credit")
     assert not report_r.poll(0), "all 20 messages were accepted without back-pressure"
-    # Nothing beyond the queue, one parsed frame and a partial read is held here.
-    group = mailbox.groups[""]
-    held = sum(len(payload) for _, payload in group.queue)
-    for peer in list(mailbox.peers.values()):
-        held += sum(len(payload) for _, payload in peer.pending)
-        held += len(peer.buf) + (len(peer.big) if peer.big is not None else 0)
-    assert held <= 7 * (MiB + 1024)
+    peer = receiver.by_pid[child.pid]
+    group = receiver.groups[""]
+    limit = peer.granted.get(b"", window)
+    # What a group holds ahead of its receivers: max_queue plus one window.
+    assert max_queue <= limit <= max_queue + window
+    assert [entry[4] for entry in group.queue] == list(range(limit))  # the seqs, in order
+    # Nothing beyond the queue is held: no parsed or unparsed bytes of this peer.
+    assert not peer.inp.chunks
+    assert not peer.inp.pending
+    held = sum(len(entry[1]) for entry in group.queue)
+    assert limit * MiB < held <= limit * (MiB + 1024)
     got = [mproc.receive(timeout=WAIT).data for _ in range(20)]
     assert [i for i, _ in got] == list(range(20))
     assert all(blob == bytes([i]) * MiB for i, blob in got)
     assert report_r.poll(WAIT)
     assert report_r.recv()[:2] == ("done", 20)
     assert kids.finish(child) == 0
+    assert mproc.receive("hello", timeout=WAIT).sender_pid == child.pid
+    assert_nothing_more()
 
 
 # ---------------------------------------------------------------- 7. pickling errors
@@ -714,19 +745,33 @@ def _open_and_return(rundir: str, parent: int) -> None:
     # Returning without close_mailbox(): the exit clean-up must remove the file.
 
 
-def test_close_and_reopen(runtime_dir: str) -> None:
+def test_close_and_reopen(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
+    first = _mailbox._state.receiver
     path = peers.mailbox_path(runtime_dir, me())
     mproc.send(me(), "lost")
     mproc.close_mailbox()
     assert not os.path.exists(path)
+    assert _mailbox._state.receiver is None
+    assert dict(_sender._links.by_pid) == {}  # our connections closed with it
     mproc.close_mailbox()  # idempotent
-    with pytest.raises(mproc.MailboxNotFound):
-        mproc.send(me(), "x", timeout=0.2)
+    # Closed, it is not reachable: another process's send() finds no mailbox.
+    report_r, report_w = multiprocessing.get_context("fork").Pipe(duplex=False)
+    child = kids.start(peers.try_send, runtime_dir, me(), 0.2, report_w)
+    assert report_r.poll(WAIT)
+    name, text, err_pid, err_path = report_r.recv()
+    assert kids.finish(child) == 0
+    assert (name, err_pid, err_path) == ("MailboxNotFound", me(), path)
+    assert f"PID {me()}" in text
+    assert path in text
+    assert os.listdir(runtime_dir) == ["key"]
     mproc.open_mailbox()
+    assert _mailbox._state.receiver is not first
+    assert peers.mailbox_path(runtime_dir, me()) == path
     mproc.send(me(), "again")
     # Unreceived messages of the closed mailbox are gone.
     assert mproc.receive(timeout=WAIT).data == "again"
+    assert_nothing_more()
 
 
 def test_sender_reconnects_after_the_receiver_reopens(kids: Kids, runtime_dir: str) -> None:
@@ -747,17 +792,22 @@ def test_sender_reconnects_after_the_receiver_reopens(kids: Kids, runtime_dir: s
 def test_old_connections_are_evicted(
     kids: Kids, runtime_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_mailbox, "_MAX_LINKS", 2)
+    # One connection per receiving process, whatever the groups; at most
+    # MAX_LINKS of them, the oldest idle one closed first.
+    monkeypatch.setattr(_sender, "MAX_LINKS", 2)
     children = [kids.start(peers.echo, runtime_dir, me()) for _ in range(3)]
     assert {mproc.receive("ready", timeout=WAIT).data for _ in children} == {
         c.pid for c in children
     }
+    links = _sender._links.by_pid
+    order: list[int] = []
     for round_ in range(2):
         for c in children:
             mproc.send(c.pid, round_)
             echoed = mproc.receive("echo", timeout=WAIT)
             assert (echoed.sender_pid, echoed.data) == (c.pid, (me(), round_))
-            assert len(_mailbox._state.links) <= 2
+            order.append(c.pid)
+            assert list(links) == order[-2:]
     for c in children:
         mproc.send(c.pid, None)
     assert [kids.finish(c) for c in children] == [0, 0, 0]
@@ -769,22 +819,30 @@ def test_evicted_connection_is_never_used_for_another_process(
     # A thread about to write on a cached connection while other sends evict
     # (close) it: the freed descriptor is soon another connection's. The
     # message must reach its PID or fail, never land in another process.
-    monkeypatch.setattr(_mailbox, "_MAX_LINKS", 1)
+    # Only idle connections are evicted: the one being written stays open
+    # (and cached) until its writer is done.
+    monkeypatch.setattr(_sender, "MAX_LINKS", 1)
     p, q, r = (kids.start(peers.echo, runtime_dir, me()) for _ in range(3))
     assert {mproc.receive("ready", timeout=WAIT).data for _ in range(3)} == {p.pid, q.pid, r.pid}
     mproc.send(p.pid, "warm")
     assert mproc.receive("echo", timeout=WAIT).data == (me(), "warm")
+    p_link = _sender._links.by_pid[p.pid]
     in_write = threading.Event()
     go_on = threading.Event()
-    real_write_frame = _mailbox._write_frame
 
-    def paused_write_frame(fd: int, head: bytes, payload: bytes) -> None:
-        if threading.current_thread().name == "paused-sender" and not in_write.is_set():
-            in_write.set()
-            go_on.wait(WAIT)
-        real_write_frame(fd, head, payload)
+    class PausingOs:
+        """The sender's ``os``, whose first write in "paused-sender" waits for go_on."""
 
-    monkeypatch.setattr(_mailbox, "_write_frame", paused_write_frame)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def write(self, fd: int, data: Any) -> int:
+            if threading.current_thread().name == "paused-sender" and not in_write.is_set():
+                in_write.set()
+                go_on.wait(WAIT)
+            return os.write(fd, data)
+
+    monkeypatch.setattr(_sender, "os", PausingOs())
     errors: list[BaseException] = []
 
     def send_to_p() -> None:
@@ -797,16 +855,21 @@ def test_evicted_connection_is_never_used_for_another_process(
     sender.start()
     try:
         assert in_write.wait(WAIT)
-        # Each new connection evicts the one before (the limit is 1 here).
+        # Each new connection evicts the idle ones before it (the limit is 1
+        # here), never P's, which is in the middle of a frame.
         mproc.send(q.pid, "for Q")
         mproc.send(r.pid, "for R")
+        assert list(_sender._links.by_pid) == [p.pid, r.pid]
+        assert _sender._links.by_pid[p.pid] is p_link
+        assert not p_link.dead
     finally:
         go_on.set()
         sender.join(WAIT)
     assert not sender.is_alive()
+    assert errors == []
     echoes: dict[int, list[Any]] = collections.defaultdict(list)
     try:
-        for _ in range(2 if errors else 3):
+        for _ in range(3):
             msg = mproc.receive("echo", timeout=WAIT)
             echoes[msg.sender_pid].append(msg.data[1])
         assert_nothing_more("echo")
@@ -816,7 +879,7 @@ def test_evicted_connection_is_never_used_for_another_process(
         assert [kids.finish(c) for c in (p, q, r)] == [0, 0, 0]
     assert echoes[q.pid] == ["for Q"]
     assert echoes[r.pid] == ["for R"]
-    assert echoes[p.pid] == ([] if errors else ["for P only"])
+    assert echoes[p.pid] == ["for P only"]
 
 
 # ---------------------------------------------------------------- 14. fork
@@ -835,7 +898,10 @@ def test_os_fork_child_starts_without_a_mailbox(runtime_dir: str) -> None:
         try:
             os.close(report_r)
             state = _mailbox._state
-            report = {"mailbox_none": state.mailbox is None, "links": len(state.links)}
+            report = {
+                "mailbox_none": state.receiver is None,
+                "links": len(_sender._links.by_pid),
+            }
             mproc.send(os.getppid(), "from child", "fork", timeout=WAIT)
             mproc.open_mailbox()
             report["own_socket"] = os.path.basename(peers.mailbox_path(runtime_dir, os.getpid()))
@@ -928,13 +994,15 @@ def test_two_receivers_of_one_group_while_one_polls() -> None:
     # One thread waits for "g" (and reads the socket meanwhile); another polls
     # "g" and gives up. The waiting thread must still get the next message.
     mproc.open_mailbox()
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
     result: list[Any] = []
     threads, errors = peers.start_threads(
-        [lambda: result.append(mproc.receive("g", timeout=3).data)]
+        [lambda: result.append(mproc.receive("g", timeout=WAIT).data)]
     )
-    peers.wait_for(lambda: mailbox.leader == _receiver._CONSUMER, "the receiver to read")
+    peers.wait_for(
+        lambda: receiver.reading is _receiver.Reading.CONSUMER, "the receiver thread to read"
+    )
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive("g", timeout=0)
     mproc.send(me(), "for the waiter", "g")
@@ -944,39 +1012,51 @@ def test_two_receivers_of_one_group_while_one_polls() -> None:
 
 
 def test_a_timed_out_receive_does_not_lose_messages() -> None:
+    # A receive() that reads the sockets itself (it leads) takes in messages of
+    # other groups meanwhile; timing out must not lose them, nor a poll that
+    # timed out while it led.
     mproc.open_mailbox()
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
-    threads, errors = peers.start_threads([lambda: mproc.receive("g", timeout=1)])
-    peers.wait_for(lambda: mailbox.leader == _receiver._CONSUMER, "the receiver to read")
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    threads, errors = peers.start_threads([lambda: mproc.receive("g", timeout=2)])
+    peers.wait_for(
+        lambda: receiver.reading is _receiver.Reading.CONSUMER, "the receiver thread to read"
+    )
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive("g", timeout=0)
-    mproc.send(me(), "kept", "g")
+    mproc.send(me(), "for h", "h")
     peers.join_all(threads)
-    # Whether or not the thread got it, the message must not vanish.
-    if errors:
-        assert mproc.receive("g", timeout=2).data == "kept"
+    assert len(errors) == 1
+    assert type(errors[0]) is mproc.ReceiveTimeout
+    assert errors[0].group == "g"
+    assert mproc.receive("h", timeout=WAIT).data == "for h"
+    mproc.send(me(), "kept", "g")
+    assert mproc.receive("g", timeout=WAIT).data == "kept"
+    assert_nothing_more("g")
+    assert_nothing_more("h")
 
 
 def test_close_mailbox_wakes_blocked_receivers() -> None:
     mproc.open_mailbox()
-    mailbox = _mailbox._state.mailbox
-    assert mailbox is not None
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
     groups = ["a", "b", "c"]
     threads, errors = peers.start_threads(
         [lambda g=g: mproc.receive(g, timeout=30) for g in groups]
     )
-    peers.wait_for(lambda: all(g in mailbox.groups for g in groups), "the receivers to block")
+
+    peers.wait_for(lambda: all(g in receiver.groups for g in groups), "the receivers to block")
     start = time.monotonic()
     mproc.close_mailbox()
     peers.join_all(threads)
     assert time.monotonic() - start < 5
     assert len(errors) == 3
     for err in errors:
-        assert isinstance(err, mproc.MailboxError)
-        assert not isinstance(err, mproc.ReceiveTimeout)
+        assert type(err) is mproc.MailboxClosed, repr(err)
         assert "closed" in str(err)
         assert f"PID {me()}" in str(err)
+        assert f"{err.group!r}" in str(err)
+        assert (err.pid, err.path) == (me(), receiver.path)
     assert sorted(err.group for err in errors) == groups
 
 
@@ -1031,28 +1111,37 @@ def test_group_name_too_long() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "exc", "words"),
     [
-        {"max_queue": 0},
-        {"max_queue": -1},
-        {"max_queue": True},
-        {"max_queue": 1.5},
-        {"max_frame": 0},
-        {"max_frame": "1"},
+        ({"max_queue": 0}, ValueError, "max_queue must be >= 1"),
+        ({"max_queue": -1}, ValueError, "max_queue must be >= 1"),
+        ({"max_queue": True}, TypeError, "max_queue must be an int"),
+        ({"max_queue": 1.5}, TypeError, "max_queue must be an int"),
+        ({"max_frame": 0}, ValueError, "max_frame must be >= 1"),
+        ({"max_frame": "1"}, TypeError, "max_frame must be an int"),
+        ({"idle_limit": 0}, ValueError, "idle_limit must be > 0"),
+        ({"idle_limit": float("nan")}, ValueError, "idle_limit must be a number"),
+        ({"idle_limit": "1"}, TypeError, "idle_limit must be a number"),
     ],
     ids=repr,
 )
-def test_open_mailbox_validates_limits(kwargs: dict[str, Any]) -> None:
+def test_open_mailbox_validates_limits(
+    kwargs: dict[str, Any], exc: type[Exception], words: str
+) -> None:
     ((name, value),) = kwargs.items()
-    with pytest.raises(ValueError, match=f"{name} must be a positive int") as info:
+    with pytest.raises(exc) as info:
         mproc.open_mailbox(**kwargs)
-    assert repr(value) in str(info.value)
-    assert _mailbox._state.mailbox is None
+    assert type(info.value) is exc
+    assert str(info.value).startswith("open_mailbox(): ")
+    assert words in str(info.value)
+    if not (name == "idle_limit" and isinstance(value, (int, float))):
+        assert repr(value) in str(info.value)
+    assert _mailbox._state.receiver is None
 
 
 def test_open_mailbox_on_an_open_mailbox_changes_max_queue_only() -> None:
     mproc.open_mailbox(max_frame=1 << 20)
-    mailbox = _mailbox._state.mailbox
+    mailbox = _mailbox._state.receiver
     assert mailbox is not None
     mproc.open_mailbox(max_queue=7)
     assert (mailbox.max_queue, mailbox.max_frame) == (7, 1 << 20)
@@ -1060,7 +1149,7 @@ def test_open_mailbox_on_an_open_mailbox_changes_max_queue_only() -> None:
     assert (mailbox.max_queue, mailbox.max_frame) == (7, 1 << 20)
     with pytest.raises(ValueError, match=r"max_frame=1048576.*close_mailbox"):
         mproc.open_mailbox(max_frame=1 << 21)
-    assert _mailbox._state.mailbox is mailbox
+    assert _mailbox._state.receiver is mailbox
 
 
 def test_receive_with_bad_arguments_does_not_open_the_mailbox(runtime_dir: str) -> None:
@@ -1068,7 +1157,7 @@ def test_receive_with_bad_arguments_does_not_open_the_mailbox(runtime_dir: str) 
         mproc.receive(timeout=-1)
     with pytest.raises(TypeError, match="group"):
         mproc.receive(3)  # type: ignore[arg-type]
-    assert _mailbox._state.mailbox is None
+    assert _mailbox._state.receiver is None
     assert not [f for f in os.listdir(runtime_dir) if f.endswith(".sock")]
 
 
@@ -1078,8 +1167,19 @@ def test_a_full_group_does_not_hold_up_another_group(kids: Kids, runtime_dir: st
     mproc.open_mailbox()
     child = kids.start(peers.control_behind_full_data, runtime_dir, me())
     assert mproc.receive("ready", timeout=WAIT).data == child.pid
-    for i in range(3):
-        mproc.send(child.pid, i, "data", timeout=WAIT)
+    max_queue = 2  # the child's
+    window = min(rt.DEFAULT_WINDOW, max_queue)
+    # Fill "data" until this sender gets no more credit for it.
+    sent = 0
+    with pytest.raises(mproc.MailboxFull) as info:
+        while sent <= max_queue + window:
+            mproc.send(child.pid, sent, "data", timeout=0.3)
+            sent += 1
+    assert max_queue <= sent <= max_queue + window
+    assert (info.value.pid, info.value.group) == (child.pid, "data")
+    # On the same connection, from the same thread: "ctl" is not held up.
+    start = time.monotonic()
     mproc.send(child.pid, "stop", "ctl", timeout=WAIT)
+    assert time.monotonic() - start < 1
     assert mproc.receive("got", timeout=WAIT).data == "stop"
     assert kids.finish(child) == 0

@@ -4,34 +4,31 @@ and impostor socket files.
 Every misbehaving peer may cost only its own connection: each test ends by
 checking that the mailbox still serves a normal sender (a fresh child process).
 Crafted frames are written on connections that passed the real handshake
-(``mproc._transport.connect``); the frame format is multiprocessing's length
-prefix around ``u8 kind | u16 len(group) | group | pickle``.
+(``mailbox_peers.authed``); every frame and handshake message is built with
+:mod:`mproc._wire`, never with a literal struct.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 import time
-from multiprocessing import connection as mpc
 from typing import Any
 
 import mailbox_peers as peers
 import pytest
-from mailbox_peers import WAIT, Kids, frame, me, wire
+from mailbox_peers import WAIT, Kids, me, msg_frame, raw_connect
 
 import mproc
-from mproc import _mailbox
-from mproc import _transport as tr
+from mproc import _mailbox, _sender
+from mproc import _runtime as rt
+from mproc import _wire as wire
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-specific checks"),
@@ -41,14 +38,21 @@ pytestmark = [
 MiB = 1 << 20
 
 
-def assert_serving(kids: Kids, rundir: str) -> None:
-    """A normal sender (a new process, so a new connection) still gets through, promptly."""
+def assert_serving(kids: Kids, rundir: str, *, self_too: bool = True) -> None:
+    """A normal sender (a new process, so a new connection) still gets through, promptly.
+
+    With ``self_too``, so does this process's own ``send()``: a new connection of
+    this process is read once its earlier ones have ended, so a test calls it
+    with ``self_too`` only when it has closed its crafted connections.
+    """
     start = time.monotonic()
     child = kids.start(peers.send_hello, rundir, me(), "alive")
     msg = mproc.receive("alive", timeout=WAIT)
     assert (msg.sender_pid, msg.data) == (child.pid, ("hello", child.pid))
     assert kids.finish(child) == 0
     assert time.monotonic() - start < 3, "the mailbox served a normal sender only slowly"
+    if not self_too:
+        return
     mproc.send(me(), "self too", "alive")
     assert mproc.receive("alive", timeout=WAIT).data == "self too"
 
@@ -57,13 +61,6 @@ def assert_nothing(group: str = "", timeout: float = 0.3) -> None:
     with pytest.raises(mproc.ReceiveTimeout):
         got = mproc.receive(group, timeout=timeout)
         pytest.fail(f"unexpected message {got!r}")
-
-
-def raw_connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(WAIT)
-    sock.connect(path)
-    return sock
 
 
 def stale_socket(path: str) -> None:
@@ -78,11 +75,12 @@ _rng = random.Random(1234)
 GARBAGE = {
     "random": _rng.randbytes(4096),
     "http": b"GET / HTTP/1.1\r\nHost: mproc\r\n\r\n",
-    "huge-length": struct.pack("!i", 0x7FFFFFFF) + b"x" * 64,
-    "64bit-length": struct.pack("!i", -1) + struct.pack("!Q", 1 << 60),
-    "negative-length": struct.pack("!i", -7) + b"abc",
-    "short-length": struct.pack("!i", 100) + b"only ten b",
-    "a-frame": wire(frame("", "no handshake")),
+    "huge-length": wire.LEN.pack(0x7FFFFFFF) + b"x" * 64,
+    "64bit-length": wire.LEN.pack(-1) + wire.LEN64.pack(1 << 60),
+    "negative-length": wire.LEN.pack(-7) + b"abc",
+    "short-length": wire.LEN.pack(100) + b"only ten b",
+    "a-frame": msg_frame("", "no handshake"),
+    "a-hello": wire.hello(),
     "nothing": b"",
     "large": _rng.randbytes(300_000),
 }
@@ -116,24 +114,56 @@ def test_stalled_handshakes_do_not_delay_others(kids: Kids, runtime_dir: str) ->
 
 
 def test_stalled_handshake_is_dropped_after_the_handshake_timeout(
-    kids: Kids, runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+    kids: Kids, runtime_dir: str
 ) -> None:
-    monkeypatch.setattr(tr, "HANDSHAKE_TIMEOUT", 0.3)
     mproc.open_mailbox()
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    receiver.admission.timeout = 0.3  # the deadline of connections accepted from now on
     with raw_connect(peers.mailbox_path(runtime_dir, me())) as sock:
         start = time.monotonic()
         challenge = peers.read_until_eof(sock)
         assert time.monotonic() - start < 0.3 + 3
-    assert challenge.startswith(struct.pack("!i", len(challenge) - 4))
+    # All it sent before hanging up was its challenge, one whole frame.
+    (size,) = wire.LEN.unpack_from(challenge)
+    assert size == len(challenge) - wire.LEN.size
+    assert challenge[wire.LEN.size :].startswith(wire.CHALLENGE)
+    assert receiver.admission.pending == {}
+    assert_serving(kids, runtime_dir)
+
+
+def test_one_deadline_for_the_whole_handshake(kids: Kids, runtime_dir: str) -> None:
+    # A peer that answers each step promptly but never finishes is dropped at
+    # the deadline of the whole handshake, not after a timeout per read.
+    mproc.open_mailbox()
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    receiver.admission.timeout = 0.5
+    key = rt.runtime().key
+    with raw_connect(peers.mailbox_path(runtime_dir, me())) as sock:
+        start = time.monotonic()
+        sock.sendall(wire.frame(wire.answer(key, peers.read_frame(sock))))
+        assert peers.read_frame(sock) == wire.WELCOME
+        # Our challenge, then nothing more: no WELCOME, no HELLO.
+        mine = wire.challenge()
+        sock.sendall(wire.frame(mine))
+        assert wire.verify(key, mine, peers.read_frame(sock))
+        assert peers.read_until_eof(sock) == b""
+        elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 0.5 + 3
+    assert receiver.peers == {}
     assert_serving(kids, runtime_dir)
 
 
 def test_client_with_the_wrong_key_is_refused(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     path = peers.mailbox_path(runtime_dir, me())
-    with pytest.raises((multiprocessing.AuthenticationError, EOFError, ConnectionResetError)):
-        conn = mpc.Client(path, family="AF_UNIX", authkey=b"not the key" * 3)
-        conn.close()
+    with raw_connect(path) as sock:
+        with pytest.raises(peers.Refused) as info:
+            peers.handshake(sock, b"not the key" * 3)
+        # Told so (FAILURE), then hung up on: nothing we send is read.
+        assert (info.value.step, info.value.verdict) == ("the verdict on our key", wire.FAILURE)
+        assert peers.read_until_eof(sock) == b""
     assert_nothing()
     assert_serving(kids, runtime_dir)
 
@@ -144,14 +174,18 @@ def test_sender_with_the_wrong_key_gets_a_clear_error(
     mproc.open_mailbox()
     path = peers.mailbox_path(runtime_dir, me())
     with monkeypatch.context() as patch:
-        patch.setattr(tr, "runtime", lambda: tr.Runtime(runtime_dir, b"k" * 32))
-        with pytest.raises(mproc.MailboxError) as info:
+        patch.setattr(rt, "runtime", lambda: rt.Runtime(runtime_dir, b"k" * 32))
+        with pytest.raises(mproc.HandshakeError) as info:
             mproc.send(me(), "x", timeout=2)
     err = info.value
-    assert (err.pid, err.path) == (me(), path)
+    assert type(err) is mproc.HandshakeError
+    assert (err.pid, err.path, err.group) == (me(), path, "")
     assert f"PID {me()}" in str(err)
     assert path in str(err)
-    assert "handshake" in str(err)
+    assert "refused our key" in str(err)
+    assert "MPROC_RUNTIME_DIR" in str(err)
+    # Nothing of it is cached: with the right key the same process gets through.
+    assert _sender._links.by_pid.get(me()) is None
     assert_nothing()
     assert_serving(kids, runtime_dir)
 
@@ -160,13 +194,15 @@ def test_sender_with_the_wrong_key_gets_a_clear_error(
 
 
 def _oversized_frames() -> dict[str, bytes]:
-    empty_head = struct.pack("!BH", 0, 0)
+    empty_head = wire.HEAD.pack(wire.KIND_MSG, 0, 0)
     return {
-        "whole": wire(frame("", b"x" * 10_000)),
-        "header-32": struct.pack("!i", (1 << 30) + 1) + empty_head,
-        "header-64": struct.pack("!i", -1) + struct.pack("!Q", 1 << 40) + empty_head,
-        "too-small": struct.pack("!i", 2) + empty_head,
-        "group-longer-than-frame": struct.pack("!i", 10) + struct.pack("!BH", 0, 100) + b"g" * 7,
+        "whole": msg_frame("", b"x" * 10_000),
+        "header-32": wire.LEN.pack((1 << 30) + 1) + empty_head,
+        "header-64": wire.LEN.pack(-1) + wire.LEN64.pack(1 << 40) + empty_head,
+        "too-small": wire.LEN.pack(2) + empty_head,
+        "group-longer-than-frame": (
+            wire.LEN.pack(20) + wire.HEAD.pack(wire.KIND_MSG, 100, 0) + b"g" * 9
+        ),
     }
 
 
@@ -175,9 +211,10 @@ def test_frame_with_a_bad_size_is_refused(kids: Kids, runtime_dir: str, kind: st
     mproc.open_mailbox(max_frame=4096)
     conn = peers.authed(me())
     try:
+        assert conn.max_frame == 4096  # announced in the mailbox's HELLO
         # Only the header is sent for most: the mailbox must judge it without the body.
-        os.write(conn.fileno(), _oversized_frames()[kind])
-        assert peers.is_dropped(conn), "the mailbox kept a connection that sent a bad frame"
+        conn.write(_oversized_frames()[kind])
+        assert conn.is_dropped(), "the mailbox kept a connection that sent a bad frame"
     finally:
         conn.close()
     assert_nothing()
@@ -187,15 +224,16 @@ def test_frame_with_a_bad_size_is_refused(kids: Kids, runtime_dir: str, kind: st
 @pytest.mark.parametrize("extra", [0, 1], ids=["at-limit", "one-over"])
 def test_frame_size_limit_is_exact(kids: Kids, runtime_dir: str, extra: int) -> None:
     mproc.open_mailbox(max_frame=4096)
-    overhead = len(frame("", b"y" * 3000)) - 3000  # constant for these sizes
+    # The frame's size (what the limit is about) excludes its length prefix.
+    overhead = len(msg_frame("", b"y" * 3000)) - wire.LEN.size - 3000  # constant for these sizes
     blob = b"y" * (4096 + extra - overhead)
-    body = frame("", blob)
-    assert len(body) == 4096 + extra
+    data = msg_frame("", blob)
+    assert len(data) - wire.LEN.size == 4096 + extra
     conn = peers.authed(me())
     try:
-        conn.send_bytes(body)
+        conn.send("", blob)
         if extra:
-            assert peers.is_dropped(conn)
+            assert conn.is_dropped()
             assert_nothing()
         else:
             msg = mproc.receive(timeout=WAIT)
@@ -207,22 +245,29 @@ def test_frame_size_limit_is_exact(kids: Kids, runtime_dir: str, extra: int) -> 
 
 def test_send_over_the_receivers_frame_limit_is_not_silently_lost() -> None:
     # "When send() returns, the receiving process holds the message": a frame
-    # the receiver refuses must make send() fail, not vanish.
+    # the receiver refuses must make send() fail, not vanish. The sender
+    # learns the limit from the receiver's HELLO and sends nothing.
     mproc.open_mailbox(max_frame=4096)
-    try:
+    with pytest.raises(mproc.MessageError) as info:
         mproc.send(me(), b"x" * 10_000, "big", timeout=2)
-    except mproc.MprocError as err:
-        assert f"PID {me()}" in str(err)
-        return
-    msg = mproc.receive("big", timeout=2)
-    assert msg.data == b"x" * 10_000
+    err = info.value
+    assert type(err) is mproc.MessageError
+    assert (err.pid, err.group) == (me(), "big")
+    assert f"PID {me()}" in str(err)
+    assert "'big'" in str(err)
+    assert "4096" in str(err)
+    assert "nothing was sent" in str(err)
+    assert_nothing("big")
+    # The connection was not spoiled: the next message that fits arrives.
+    mproc.send(me(), b"x" * 100, "big", timeout=2)
+    assert mproc.receive("big", timeout=WAIT).data == b"x" * 100
 
 
 def test_truncated_frame(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
-    data = wire(frame("t", "complete")) + wire(frame("t", "cut " * 100))
-    os.write(conn.fileno(), data[: len(data) - 200])
+    data = conn.msg("t", "complete") + conn.msg("t", "cut " * 100)
+    conn.write(data[: len(data) - 200])
     conn.close()
     msg = mproc.receive("t", timeout=WAIT)
     assert (msg.sender_pid, msg.data) == (me(), "complete")
@@ -233,8 +278,8 @@ def test_truncated_frame(kids: Kids, runtime_dir: str) -> None:
 def test_truncated_large_frame(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
-    data = wire(frame("t", b"z" * (3 * MiB)))
-    peers.write_all(conn.fileno(), data[: 2 * MiB])
+    data = conn.msg("t", b"z" * (3 * MiB))
+    conn.write(data[: 2 * MiB])
     conn.close()
     assert_nothing("t")
     assert_serving(kids, runtime_dir)
@@ -258,28 +303,33 @@ def test_peer_stalled_in_the_middle_of_a_frame(kids: Kids, runtime_dir: str, cut
     mproc.open_mailbox()
     conn = peers.authed(me())
     try:
-        first = wire(frame("stall", "first"))
-        second = wire(frame("stall", "second " * 20))
-        os.write(conn.fileno(), first + second[:cut])
+        first = conn.msg("stall", "first")
+        second = conn.msg("stall", "second " * 20)
+        conn.write(first + second[:cut])
         assert mproc.receive("stall", timeout=WAIT).data == "first"
-        # Others are served while this peer sits in the middle of a frame...
-        assert_serving(kids, runtime_dir)
+        # Other processes are served while this peer sits in the middle of a frame...
+        assert_serving(kids, runtime_dir, self_too=False)
         # ...and when it goes on, its frame arrives whole.
-        os.write(conn.fileno(), second[cut:])
+        conn.write(second[cut:])
         msg = mproc.receive("stall", timeout=WAIT)
         assert (msg.sender_pid, msg.data) == (me(), "second " * 20)
     finally:
         conn.close()
+    # This process's own new connection is read once that one has ended.
+    assert_serving(kids, runtime_dir)
 
 
 def test_invalid_group_encoding_drops_the_connection(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
     try:
-        conn.send_bytes(peers.frame_with_raw_group(b"\xff\xfe", "bad group"))
-        assert peers.is_dropped(conn)
+        conn.send(b"\xff\xfe", "bad group")
+        assert conn.is_dropped()
     finally:
         conn.close()
+    receiver = _mailbox._state.receiver
+    assert receiver is not None
+    assert receiver.depths() == {}
     assert_serving(kids, runtime_dir)
 
 
@@ -289,13 +339,14 @@ def test_frames_before_a_bad_one_are_delivered() -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
     try:
-        good = wire(frame("g", "good"))
-        bad = wire(peers.frame_with_raw_group(b"\xff\xfe", "bad group"))
-        os.write(conn.fileno(), good + bad)  # one write: one read on the other side
-        assert peers.is_dropped(conn)
+        good = conn.msg("g", "good")
+        bad = conn.msg(b"\xff\xfe", "bad group")
+        conn.write(good + bad)  # one write: one read on the other side
+        assert conn.is_dropped()
     finally:
         conn.close()
     assert mproc.receive("g", timeout=2).data == "good"
+    assert_nothing("g")
 
 
 def test_unknown_frame_kind_drops_only_that_connection(
@@ -305,14 +356,17 @@ def test_unknown_frame_kind_drops_only_that_connection(
     conn = peers.authed(me())
     try:
         with caplog.at_level(logging.DEBUG, logger="mproc"):
-            good = wire(frame("k", "good"))
-            unknown = wire(struct.pack("!BH", 7, 1) + b"k" + b"payload")
-            os.write(conn.fileno(), good + unknown)
-            assert peers.is_dropped(conn)
+            good = conn.msg("k", "good")
+            unknown = wire.frame(wire.HEAD.pack(7, 1, 0) + b"k" + b"payload")
+            conn.write(good + unknown)
+            assert conn.is_dropped()
     finally:
         conn.close()
     assert mproc.receive("k", timeout=2).data == "good"
-    assert any("unknown frame kind 7" in r.getMessage() for r in caplog.records)
+    assert any(
+        f"PID {me()}" in r.getMessage() and "unknown kind 7" in r.getMessage()
+        for r in caplog.records
+    )
     assert_nothing("k")
     assert_serving(kids, runtime_dir)
 
@@ -321,8 +375,8 @@ def test_payload_that_is_not_a_pickle(kids: Kids, runtime_dir: str) -> None:
     mproc.open_mailbox()
     conn = peers.authed(me())
     try:
-        conn.send_bytes(frame("p", payload=b"\x80\x05 certainly not a pickle"))
-        conn.send_bytes(frame("p", "next"))
+        conn.send("p", payload=b"\x80\x05 certainly not a pickle")
+        conn.send("p", "next")
         with pytest.raises(mproc.MessageError) as info:
             mproc.receive("p", timeout=WAIT)
         assert (info.value.pid, info.value.group) == (me(), "p")
@@ -343,19 +397,19 @@ def _bad_peer(kind: str, path: str) -> None:
             peers.read_until_eof(sock)
         return
     if kind == "wrong-key":
-        with pytest.raises((multiprocessing.AuthenticationError, EOFError)):
-            mpc.Client(path, family="AF_UNIX", authkey=b"wrong" * 8).close()
+        with raw_connect(path) as sock, pytest.raises(peers.Refused):
+            peers.handshake(sock, b"wrong" * 8)
         return
     conn = peers.authed(me())
     try:
         if kind == "oversized":
-            os.write(conn.fileno(), struct.pack("!i", (1 << 30) + 1) + struct.pack("!BH", 0, 0))
-            assert peers.is_dropped(conn)
+            conn.write(wire.LEN.pack((1 << 30) + 1) + wire.HEAD.pack(wire.KIND_MSG, 0, 0))
+            assert conn.is_dropped()
         elif kind == "bad-group":
-            conn.send_bytes(peers.frame_with_raw_group(b"\xff", "x"))
-            assert peers.is_dropped(conn)
+            conn.send(b"\xff", "x")
+            assert conn.is_dropped()
         else:  # truncated
-            os.write(conn.fileno(), wire(frame("", "cut"))[:-3])
+            conn.write(conn.msg("", "cut")[:-3])
     finally:
         conn.close()
 
@@ -390,18 +444,15 @@ def test_refused_and_dropped_peers_are_logged_at_debug_level(
 # ---------------------------------------------------------------- dead receivers
 
 
-def _unsent_bytes(pid: int) -> int:
-    """Bytes written to our connection to ``pid`` that its reader has not taken yet."""
-    link = _mailbox._state.links.get((pid, ""))
-    if link is None:
-        return 0
-    raw = fcntl.ioctl(link.fd, termios.TIOCOUTQ, struct.pack("i", 0))  # SIOCOUTQ
-    return int(struct.unpack("i", raw)[0])
+def _link(pid: int) -> Any:
+    """This process's connection to ``pid`` (``None`` if there is none)."""
+    return _sender._links.by_pid.get(pid)
 
 
 def test_receiver_killed_while_a_sender_is_blocked(kids: Kids, runtime_dir: str) -> None:
+    max_queue = 1
     release = multiprocessing.get_context("fork").Event()
-    child = kids.start(peers.hold_mailbox, runtime_dir, me(), 1, release)
+    child = kids.start(peers.hold_mailbox, runtime_dir, me(), max_queue, release)
     assert mproc.receive("ready", timeout=WAIT).data == child.pid
     child_socket = peers.mailbox_path(runtime_dir, child.pid)
     sent: list[int] = []
@@ -411,25 +462,45 @@ def test_receiver_killed_while_a_sender_is_blocked(kids: Kids, runtime_dir: str)
             mproc.send(child.pid, bytes(MiB), timeout=60)
             sent.append(i)
 
+    def blocked() -> bool:
+        # Out of credit, and every send() that wrote its frame has returned:
+        # the next one waits for credit the receiver (its queue full) never gives.
+        link = _link(child.pid)
+        if link is None:
+            return False
+        seq = link.seqs.get(b"", 0)
+        return seq >= link.limits.get(b"", link.window) and len(sent) == seq
+
     threads, errors = peers.start_threads([flood])
-    # The receiver stopped reading (its queue is full) and our socket buffer filled up.
-    peers.wait_for(lambda: _unsent_bytes(child.pid) >= 100_000, "the sender to block")
-    start = time.monotonic()
-    kids.kill(child)
-    peers.join_all(threads)
-    assert time.monotonic() - start < 3, "the blocked send() did not fail promptly"
-    assert len(sent) < 200
-    assert len(errors) == 1
-    err = errors[0]
-    assert isinstance(err, (mproc.MailboxError, mproc.NoSuchProcess)), repr(err)
-    assert str(child.pid) in str(err)
-    # Later sends fail at once.
-    start = time.monotonic()
-    with pytest.raises((mproc.NoSuchProcess, mproc.MailboxError), match=str(child.pid)):
-        mproc.send(child.pid, "x", timeout=30)
-    assert time.monotonic() - start < 1
-    # The killed receiver left its socket file; the next look for stale files takes it.
-    assert child_socket in tr.remove_stale(tr.runtime())
+    peers.wait_for(blocked, "the sender to run out of credit")
+    window = _link(child.pid).window
+    assert window == min(rt.DEFAULT_WINDOW, max_queue)  # announced in the receiver's HELLO
+    # The receiver holds at most max_queue + window messages of one connection.
+    assert max_queue <= len(sent) <= max_queue + window
+    try:
+        start = time.monotonic()
+        kids.kill(child)
+        peers.join_all(threads)
+        assert time.monotonic() - start < 3, "the blocked send() did not fail promptly"
+        assert len(sent) <= max_queue + window
+        assert len(errors) == 1
+        err = errors[0]
+        # The connection broke under the waiting send(): the receiver went away
+        # (MailboxGone), or was gone altogether by the time send() tried to
+        # reconnect (NoSuchProcess). Never a handshake or key problem.
+        assert type(err) in (mproc.MailboxGone, mproc.NoSuchProcess), repr(err)
+        assert err.pid == child.pid
+        assert f"PID {child.pid}" in str(err)
+        assert _link(child.pid) is None
+        # Later sends fail at once.
+        start = time.monotonic()
+        with pytest.raises(mproc.NoSuchProcess, match=f"PID {child.pid}"):
+            mproc.send(child.pid, "x", timeout=30)
+        assert time.monotonic() - start < 1
+    finally:
+        # The killed receiver left its socket file; the next look for stale files takes it.
+        removed = rt.remove_stale(rt.runtime())
+    assert child_socket in removed
 
 
 def test_receiver_dies_while_a_sender_waits_for_it_to_open(
@@ -457,7 +528,7 @@ def test_stale_socket_files_are_removed_at_open(spawner: Any, runtime_dir: str) 
     gone = spawner.popen(["true"])
     gone.wait(WAIT)
     live = spawner.popen(["sleep", "60"])
-    token = tr.proc_identity(live.pid)
+    token = rt.proc_identity(live.pid)
     assert token is not None
     dead_file = os.path.join(runtime_dir, f"{gone.pid}.12345.sock")
     wrong_token = os.path.join(runtime_dir, f"{live.pid}.{int(token) + 1}.sock")
@@ -499,9 +570,9 @@ def test_stale_file_at_the_right_path_gives_way_to_the_new_mailbox(
     mproc.open_mailbox()
     go = multiprocessing.get_context("fork").Event()
     child = kids.start(peers.open_when_told, runtime_dir, me(), go)
-    token = tr.proc_identity(child.pid)
+    token = rt.proc_identity(child.pid)
     assert token is not None
-    stale = tr.socket_path(tr.runtime(), child.pid, token)
+    stale = rt.socket_path(rt.runtime(), child.pid, token)
     stale_socket(stale)
     lookups = peers.count_lookups(monkeypatch, child.pid)
     threads, errors = peers.start_threads([lambda: mproc.send(child.pid, "hi", timeout=WAIT)])
@@ -518,23 +589,25 @@ def test_stale_file_at_the_right_path_gives_way_to_the_new_mailbox(
 
 def test_impostor_listener_is_refused(spawner: Any) -> None:
     victim = spawner.popen(["sleep", "60"])
-    token = tr.proc_identity(victim.pid)
+    token = rt.proc_identity(victim.pid)
     assert token is not None
-    path = tr.socket_path(tr.runtime(), victim.pid, token)
+    path = rt.socket_path(rt.runtime(), victim.pid, token)
     # Another process (this one) listens on the victim's mailbox path.
     impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         impostor.bind(path)
         impostor.listen(5)
         start = time.monotonic()
-        with pytest.raises(mproc.MailboxError) as info:
+        with pytest.raises(mproc.HandshakeError) as info:
             mproc.send(victim.pid, "secret", timeout=2)
         assert time.monotonic() - start < 2 + 1
         err = info.value
-        assert err.pid == victim.pid
+        assert type(err) is mproc.HandshakeError
+        assert (err.pid, err.path) == (victim.pid, path)
         assert f"PID {victim.pid}" in str(err)
-        if not isinstance(err, mproc.MailboxNotFound):
-            assert path in str(err)
+        # The kernel names the listener (this process), not the victim.
+        assert f"held by PID {me()}" in str(err)
+        assert path in str(err)
         # Nothing was sent to the impostor.
         impostor.settimeout(0)
         try:
@@ -551,7 +624,7 @@ def test_impostor_listener_is_refused(spawner: Any) -> None:
 
 def test_listener_with_a_wrong_token_is_never_used(spawner: Any, runtime_dir: str) -> None:
     victim = spawner.popen(["sleep", "60"])
-    token = tr.proc_identity(victim.pid)
+    token = rt.proc_identity(victim.pid)
     assert token is not None
     path = os.path.join(runtime_dir, f"{victim.pid}.{int(token) - 1}.sock")
     impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -580,37 +653,28 @@ def test_close_after_the_socket_file_was_removed(runtime_dir: str) -> None:
 
 # ---------------------------------------------------------------- fork during a handshake
 
-_FORK_DURING_IMPORT = textwrap.dedent(
+_FORK_DURING_HANDSHAKE = textwrap.dedent(
     """
-    import importlib.machinery, os, select, signal, sys, threading
+    import os, select, signal, threading
     import mproc
+    from mproc import _wire
 
     progress = threading.Event()
     release = threading.Event()
+    real_verify = _wire.verify
+    paused = []
 
-    class SlowLoader:
-        def __init__(self, real):
-            self.real = real
-
-        def create_module(self, spec):
-            return self.real.create_module(spec)
-
-        def exec_module(self, module):
+    def slow_verify(key, message, response):
+        # The first check outside the main thread is the mailbox's admission
+        # thread checking the first sender's answer: it stays in the middle of
+        # that handshake (and the sender thread in its own) until we forked.
+        if threading.current_thread() is not threading.main_thread() and not progress.is_set():
+            paused.append(threading.current_thread().name)
             progress.set()
             release.wait(10)
-            self.real.exec_module(module)
+        return real_verify(key, message, response)
 
-    class SlowImport:
-        # The first import of hmac in a mailbox thread (the handshake) holds
-        # hmac's module lock until the main thread has forked.
-        def find_spec(self, name, path=None, target=None):
-            if name != "hmac" or threading.current_thread() is threading.main_thread():
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            spec.loader = SlowLoader(spec.loader)
-            return spec
-
-    sys.meta_path.insert(0, SlowImport())
+    _wire.verify = slow_verify
     mproc.open_mailbox()
     me = os.getpid()
 
@@ -625,10 +689,12 @@ _FORK_DURING_IMPORT = textwrap.dedent(
     progress.wait(10)
     pid = os.fork()
     if pid == 0:
+        code = 1
         try:
             mproc.send(me, "from the child", timeout=5)
+            code = 0
         finally:
-            os._exit(0)
+            os._exit(code)
     release.set()
     sender.join(10)
     fd = os.pidfd_open(pid)
@@ -636,6 +702,7 @@ _FORK_DURING_IMPORT = textwrap.dedent(
     if not exited:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
+    print("paused in", *paused)
     print("child", "exited" if exited else "hung", os.waitstatus_to_exitcode(status))
     print("got", sorted(mproc.receive(timeout=5).data for _ in range(1 + bool(exited))))
     """
@@ -644,11 +711,15 @@ _FORK_DURING_IMPORT = textwrap.dedent(
 
 def test_fork_while_a_mailbox_thread_handshakes(spawner: Any) -> None:
     proc = spawner.popen(
-        [sys.executable, "-c", _FORK_DURING_IMPORT],
+        [sys.executable, "-c", _FORK_DURING_HANDSHAKE],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert out.splitlines() == ["child exited 0", "got ['first', 'from the child']"], err
+    assert out.splitlines() == [
+        "paused in mproc-mailbox-admission",
+        "child exited 0",
+        "got ['first', 'from the child']",
+    ], err

@@ -18,15 +18,15 @@ import signal
 import socket
 import stat
 import sys
-from multiprocessing import connection as mpc
 from typing import Any, Callable
 
 import mailbox_peers as peers
 import pytest
-from mailbox_peers import WAIT, Kids, frame, me, wire
+from mailbox_peers import WAIT, Kids, me, msg_frame, raw_connect
 
 import mproc
-from mproc import _transport as tr
+from mproc import _runtime as rt
+from mproc import _wire as wire
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-specific checks"),
@@ -43,10 +43,11 @@ def use_dir(monkeypatch: pytest.MonkeyPatch, path: str) -> str:
     return path
 
 
-def assert_refused(path: str, *words: str) -> mproc.MailboxError:
-    with pytest.raises(mproc.MailboxError) as info:
+def assert_refused(path: str, *words: str) -> mproc.UnsafeRuntimeDir:
+    with pytest.raises(mproc.UnsafeRuntimeDir) as info:
         mproc.open_mailbox()
     err = info.value
+    assert type(err) is mproc.UnsafeRuntimeDir
     assert err.path == path
     assert path in str(err)
     for word in words:
@@ -94,7 +95,7 @@ def test_runtime_dir_that_is_a_file(runtime_dir: str, monkeypatch: pytest.Monkey
     path = use_dir(monkeypatch, os.path.join(runtime_dir, "file"))
     with open(path, "w") as f:
         f.write("not a directory")
-    assert_refused(path)
+    assert_refused(path, "not a directory")
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o702, 0o1777], ids=oct)
@@ -120,11 +121,11 @@ def test_runtime_dir_owned_by_another_user(
 
 def test_runtime_dir_too_long(monkeypatch: pytest.MonkeyPatch) -> None:
     path = use_dir(monkeypatch, "/tmp/" + "x" * 100)
-    err = assert_refused(path, "too long", "MPROC_RUNTIME_DIR")
-    assert isinstance(err, mproc.MailboxError)
+    assert_refused(path, "too long", "MPROC_RUNTIME_DIR")
     assert not os.path.exists(path)
-    with pytest.raises(mproc.MailboxError, match="too long"):
+    with pytest.raises(mproc.UnsafeRuntimeDir, match="too long") as info:
         mproc.send(os.getppid(), "x", timeout=0)
+    assert info.value.path == path
 
 
 def test_runtime_dir_length_limit_is_exact(
@@ -172,7 +173,7 @@ def test_key_file_is_private(runtime_dir: str) -> None:
     assert st.st_uid == os.getuid()
     assert st.st_size >= 32
     with open(key_path, "rb") as f:
-        assert f.read() == tr.runtime().key
+        assert f.read() == rt.runtime().key
 
 
 def test_racing_processes_agree_on_one_key(kids: Kids, runtime_dir: str) -> None:
@@ -238,7 +239,7 @@ def test_key_file_that_is_a_symlink_is_refused(
     target = os.path.join(runtime_dir, "elsewhere")
     _write_key(target, os.urandom(32), 0o600)
     os.symlink(target, key_path)
-    assert_refused(key_path)
+    assert_refused(key_path, "regular file")
 
 
 def test_key_file_that_is_a_directory_is_refused(
@@ -246,7 +247,7 @@ def test_key_file_that_is_a_directory_is_refused(
 ) -> None:
     _, key_path = _key_dir(runtime_dir, monkeypatch, "dirkey")
     os.mkdir(key_path, 0o700)
-    assert_refused(key_path)
+    assert_refused(key_path, "regular file")
 
 
 # ---------------------------------------------- nothing unpickled before the checks
@@ -266,20 +267,37 @@ def test_nothing_is_unpickled_without_a_handshake(
     kids: Kids, runtime_dir: str, tmp_path: Any
 ) -> None:
     marker = str(tmp_path / "unpickled")
-    evil = wire(frame("", _Marker(marker)))
+    evil = msg_frame("", _Marker(marker))
     mproc.open_mailbox()
     path = peers.mailbox_path(runtime_dir, me())
     # Skipping the handshake: the frame is taken as the (wrong) answer to the challenge.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(WAIT)
-        sock.connect(path)
-        sock.sendall(evil * 3)
-        sock.shutdown(socket.SHUT_WR)
+    with raw_connect(path) as sock:
+        try:
+            sock.sendall(evil * 3)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # hung up on before it was all written: fine
         peers.read_until_eof(sock)
     # Failing the handshake, then sending anyway.
-    with pytest.raises((multiprocessing.AuthenticationError, EOFError, ConnectionResetError)):
-        conn = mpc.Client(path, family="AF_UNIX", authkey=b"wrong key" * 4)
-        conn.close()
+    with raw_connect(path) as sock:
+        with pytest.raises(peers.Refused) as info:
+            peers.handshake(sock, b"wrong key" * 4)
+        assert info.value.verdict == wire.FAILURE
+        try:
+            sock.sendall(wire.hello() + evil)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert peers.read_until_eof(sock) == b""
+    # Skipping only the last steps: answering the challenge, then a frame.
+    with raw_connect(path) as sock:
+        key = rt.runtime().key
+        sock.sendall(wire.frame(wire.answer(key, peers.read_frame(sock))))
+        assert peers.read_frame(sock) == wire.WELCOME
+        try:
+            sock.sendall(evil)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert peers.read_until_eof(sock) == b""
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive(timeout=0.3)
     assert not os.path.exists(marker)
@@ -339,8 +357,11 @@ def test_another_user_cannot_deliver_through_mproc(runtime_dir: str) -> None:
     report = _as_nobody(body)
     assert report.get("uid") == NOBODY, report
     assert report["error"] is not None, "a send as another user succeeded"
-    # Refused for the directory it cannot use, or for the peer: either is named.
-    assert str(parent) in report["text"] or runtime_dir in report["text"]
+    # Refused before any connection: the runtime directory is not its own.
+    assert report["error"] == "UnsafeRuntimeDir", report
+    assert runtime_dir in report["text"]
+    assert f"owned by uid {os.getuid()}" in report["text"]
+    assert f"(uid {NOBODY})" in report["text"]
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive(timeout=0.3)
 
@@ -356,22 +377,22 @@ def test_another_user_with_the_key_is_refused_by_uid(runtime_dir: str, tmp_path:
     path = peers.mailbox_path(runtime_dir, parent)
     os.chmod(runtime_dir, 0o711)
     os.chmod(path, 0o777)
-    key = tr.runtime().key
-    evil = frame("", _Marker(marker))
+    key = rt.runtime().key
+    evil = msg_frame("", _Marker(marker))
 
     def body() -> dict[str, Any]:
         report: dict[str, Any] = {"uid": os.getuid()}
         try:
-            conn = mpc.Client(path, family="AF_UNIX", authkey=key)
-        except (multiprocessing.AuthenticationError, EOFError, OSError) as err:
-            report["client"] = type(err).__name__
-        else:
-            try:
-                conn.send_bytes(evil)
-                report["client"] = "connected"
-            except OSError as err:
-                report["client"] = type(err).__name__
-            conn.close()
+            with raw_connect(path) as sock:
+                try:
+                    peers.handshake(sock, key)
+                except peers.Refused as err:
+                    report["client"] = f"refused at {err.step}: {err.verdict!r}"
+                else:
+                    sock.sendall(evil)
+                    report["client"] = "connected"
+        except OSError as err:
+            report["client"] = repr(err)
         try:
             mproc.send(parent, _Marker(marker), timeout=2)
             report["send"] = None
@@ -382,9 +403,11 @@ def test_another_user_with_the_key_is_refused_by_uid(runtime_dir: str, tmp_path:
 
     report = _as_nobody(body)
     assert report.get("uid") == NOBODY, report
-    assert report["client"] != "connected", report
-    assert report["send"] is not None, report
-    assert str(parent) in report["text"]
+    # The uid check (SO_PEERCRED) comes first: hung up on before any challenge.
+    assert report["client"] == "refused at the challenge: b''", report
+    # mproc's own send() refuses earlier still: the directory is not its own.
+    assert report["send"] == "UnsafeRuntimeDir", report
+    assert runtime_dir in report["text"]
     with pytest.raises(mproc.ReceiveTimeout):
         mproc.receive(timeout=0.3)
     assert not os.path.exists(marker)
