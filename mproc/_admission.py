@@ -9,8 +9,9 @@ at once: that peer is refused, the listener keeps accepting.
 
 A peer is admitted when its uid (SO_PEERCRED) is ours, both HMAC challenges
 succeeded and its HELLO names our protocol; it is then handed to the reader
-(:meth:`Admission.on_admit`) *before* our HELLO goes out, so any message it
-sends after that is already the reader's to find.
+(:meth:`Admission.on_admit`), which sends our HELLO once it has taken the
+peer: any message the peer sends after that is already the reader's to find,
+and every CREDIT frame comes after the HELLO.
 """
 
 from __future__ import annotations
@@ -59,14 +60,15 @@ class Admission:
         path: str,
         hello: bytes,
         on_admit: Callable[[socket.socket, int], bool],
-        handshake_timeout: float = rt.HANDSHAKE_TIMEOUT,
+        handshake_timeout: Optional[float] = None,
     ) -> None:
         self.listener = listener
         self.key = key
         self.path = path
         self.hello = hello
         self.on_admit = on_admit
-        self.timeout = handshake_timeout
+        # Read now, not at import: tests and tools may change the default.
+        self.timeout = rt.HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
         self.pending: dict[int, _Pending] = {}
         self.selector = selectors.DefaultSelector()
         self.wakeup = Wakeup()
@@ -271,12 +273,11 @@ class Admission:
     def _admitted(self, p: _Pending) -> None:
         self.selector.unregister(p.sock)
         del self.pending[p.sock.fileno()]
+        # The reader sends our HELLO once it knows the peer: whatever the peer
+        # then sends, the next receive() finds, and the HELLO comes before any
+        # CREDIT the reader sends on the connection.
         if not self.on_admit(p.sock, p.pid):
             p.sock.close()
-            return
-        # Only now, with the peer known to the reader, may it start sending.
-        if not _try_send(p.sock, self.hello):
-            log.debug("mailbox %s: PID %d left during the handshake", self.path, p.pid)
 
     def _refuse(self, p: _Pending, why: str) -> None:
         log.debug("mailbox %s: refused PID %d: %s", self.path, p.pid, why)

@@ -84,12 +84,14 @@ class Peer:
         "dead",
         "fd",
         "granted",
+        "greeted",
         "inp",
         "last_seq",
         "names",
         "pid",
         "progress",
         "reader",
+        "sent",
         "sock",
         "successor",
     )
@@ -103,7 +105,9 @@ class Peer:
         self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
         self.inp = Input(deque(), deque(), 0)
         self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
-        self.granted: dict[bytes, int] = {}  # group -> the limit we last sent
+        self.granted: dict[bytes, int] = {}  # group -> the limit granted (recorded first)
+        self.sent: dict[bytes, int] = {}  # group -> the largest limit written to it
+        self.greeted = False  # our HELLO was written
         self.names: dict[bytes, str] = {}
         self.successor: Optional[Peer] = None  # this process's next connection
         self.active = False  # registered with epoll

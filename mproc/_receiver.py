@@ -131,11 +131,13 @@ class Receiver:
         self.dying: deque[Peer] = deque()  # being dropped (finished by any reader)
         self.owed: deque[Peer] = deque()  # credit that did not fit: wait until writable
         self.starving: deque[Group] = deque()  # groups with room again for starved senders
+        self.unsent: dict[Peer, None] = {}  # peers with a grant recorded, maybe not sent
         # Per sending PID, its credit (last seq routed, limit granted, per
         # group): a new connection of the process carries on with it.
         self.credit: dict[int, tuple[dict[bytes, int], dict[bytes, int]]] = {}
         self.credit_limit = _KEEP_CREDIT
         self.epoch = int.from_bytes(os.urandom(8), "big")  # told in HELLO: this mailbox
+        self.hello = wire.hello(max_frame, self.window, self.epoch)
         self.partial: dict[Peer, None] = {}  # peers in the middle of a frame
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
@@ -160,7 +162,7 @@ class Receiver:
             lsock,
             runtime.key,
             self.path,
-            wire.hello(max_frame, self.window, self.epoch),
+            self.hello,
             self._on_admit,
         )
         self.background = threading.Thread(
@@ -189,6 +191,14 @@ class Receiver:
     def _take_new_peers(self) -> None:
         while self.new_peers:
             peer = self.new_peers[0]
+            if not peer.greeted:
+                # Our HELLO lets it send. Written again after an interrupt
+                # (the sender skips a second one): a small write is atomic.
+                try:
+                    os.write(peer.fd, self.hello)
+                except OSError:
+                    pass  # it left; the reader sees EOF
+                peer.greeted = True
             head = self.by_pid.get(peer.pid)
             if head is None or head.dead or head is peer:
                 self._activate(peer)
@@ -206,9 +216,10 @@ class Receiver:
         if saved is not None and saved[0] is not peer.last_seq:
             # The sender carries its credit over to its new connection (see
             # _sender): so must we, or every reconnect would add a window.
+            # What it was told on the old one it may not have read: tell it again.
             peer.last_seq, peer.granted = saved
-            for raw, limit in list(peer.granted.items()):
-                self._send_credit(peer, raw, limit)  # ones it may not have read
+            peer.sent = {}
+            self.unsent[peer] = None
         self.credit[peer.pid] = (peer.last_seq, peer.granted)
         if len(self.credit) > self.credit_limit:
             self._forget_dead_senders()
@@ -246,6 +257,8 @@ class Receiver:
             timeout = self.idle_limit / 4 if timeout is None else min(timeout, self.idle_limit / 4)
         if self.starving:
             self._release_starving()
+        if self.unsent:
+            self._send_unsent()
         events = self.epoll.poll(-1 if timeout is None else timeout)
         handled = 0
         for fd, mask in events:
@@ -326,6 +339,9 @@ class Receiver:
             g = self.by_raw.get(raw)
             if g is None:
                 g = self._new_group(raw, peer)
+                if g is None:
+                    self._drop(peer, "sent a group name that is not UTF-8")
+                    return
             # One C call moves the run: no bytecode runs between taking a
             # message from the peer and putting it in the group.
             g.queue.extend(itertools.islice(iter(take, NOTHING), k))
@@ -337,13 +353,13 @@ class Receiver:
             else:
                 g.starved[peer] = None
 
-    def _new_group(self, raw: bytes, peer: Peer) -> Group:
+    def _new_group(self, raw: bytes, peer: Peer) -> Optional[Group]:
         name = peer.names.get(raw)
         if name is None:
             try:
                 name = raw.decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
-                name = raw.decode("utf-8", "backslashreplace")
+                return None  # no str group could receive it: a broken sender
             peer.names[raw] = name
         return self._group(name, raw)
 
@@ -390,15 +406,21 @@ class Receiver:
     # ---------------------------------------------------------------- credit
 
     def _grant(self, peer: Peer, raw: bytes) -> None:
-        """Send the peer a new credit limit for the group if it moved far enough."""
+        """Grant the peer more credit for the group if it moved far enough, and send it.
+
+        ``granted`` is recorded before the frame is written, ``sent`` after: the
+        sender keeps the largest limit it was told, so a limit recorded and not
+        yet sent costs nothing, and one sent and not recorded could make us
+        take its next messages for a violation. A peer whose grant is recorded
+        and not sent (a signal handler raised between) is in ``unsent`` until
+        a reader sends it (see _pump).
+        """
         limit = peer.last_seq.get(raw, -1) + 1 + self.window
-        if limit - peer.granted.get(raw, self.window) < max(1, self.window // 2):
-            return
-        # Recorded first: the sender keeps the largest limit it was told, so
-        # one recorded and not sent costs nothing, and one sent and not
-        # recorded could make us take its next messages for a violation.
-        peer.granted[raw] = limit
-        self._send_credit(peer, raw, limit)
+        if limit - peer.granted.get(raw, self.window) >= max(1, self.window // 2):
+            self.unsent[peer] = None
+            peer.granted[raw] = limit
+        if peer.granted.get(raw, 0) > peer.sent.get(raw, self.window):
+            self._send_credit(peer, raw, peer.granted[raw])
 
     def _send_credit(self, peer: Peer, raw: bytes, limit: int) -> None:
         if peer.dead:
@@ -410,8 +432,19 @@ class Receiver:
         except BlockingIOError:
             self.owed.append(peer)  # the sender is not reading: wait until it does
             self.wakeup.wake()
+            return
         except OSError:
-            pass  # the reader sees the error on the next read
+            return  # the reader sees the error on the next read
+        if limit > peer.sent.get(raw, 0):
+            peer.sent[raw] = limit
+
+    def _send_unsent(self) -> None:
+        """Send every grant that was recorded and not sent (after an interrupt)."""
+        for peer in list(self.unsent):
+            for raw, limit in list(peer.granted.items()):
+                if limit > peer.sent.get(raw, self.window):
+                    self._send_credit(peer, raw, limit)
+            self.unsent.pop(peer, None)
 
     def _regrant_all(self, peer: Peer) -> None:
         """The peer became writable: send it every limit it was granted."""
@@ -573,6 +606,8 @@ class Receiver:
             try:
                 data = pickle.loads(payload)
             except Exception as err:
+                if not _unpicklable(payload, err):
+                    raise  # a signal handler's: the message goes back (below)
                 consumed = True  # SPEC: that message is consumed; the next works
                 raise MessageError(
                     f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
@@ -599,7 +634,7 @@ class Receiver:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         led = False  # this call has read the sockets itself
-        asked = False  # ...or asked the background reader to hand over
+        handover: Optional[float] = None  # until when it waits for the background to yield
         while True:
             if self.groups.get(g.name) is not g:
                 g = self._group(g.name)  # pruned (cannot be while touched: a safety net)
@@ -622,7 +657,11 @@ class Receiver:
                 )
             remaining = None if deadline is None else deadline - time.monotonic()
             expired = remaining is not None and remaining <= 0
-            if expired and (led or self.reading is _CONSUMER or asked):
+            if expired and (
+                led
+                or self.reading is _CONSUMER
+                or (handover is not None and time.monotonic() >= handover)
+            ):
                 raise ReceiveTimeout(
                     f"no message for group {g.name!r} arrived within {timeout:g} s "
                     f"(PID {self.pid})",
@@ -676,8 +715,11 @@ class Receiver:
                 self.lead_request = time.monotonic()
                 self.wakeup.wake()
             if expired:
-                asked = True
-                remaining = _HANDOVER  # the background steps down at once
+                # A poll: have the background step down (it does at once), then
+                # read what was sent ourselves, as a poll must.
+                if handover is None:
+                    handover = time.monotonic() + _HANDOVER
+                remaining = max(handover - time.monotonic(), 0.0)
             self._sleep(g, remaining)
 
     def _sleep(self, g: Group, timeout: Optional[float]) -> None:
@@ -775,6 +817,21 @@ class Receiver:
 
 
 _new_msg = object.__new__  # Msg is frozen: build it by its __dict__ (4x faster)
+
+
+def _unpicklable(payload: Any, err: Exception) -> bool:
+    """Whether ``err`` from unpickling ``payload`` is the message's fault.
+
+    A signal handler's exception raised while the unpickler ran Python code
+    looks the same. So try once more: failing again alike is the message's
+    fault (it is consumed, MessageError); working now means the first failure
+    came from outside (the message is kept and the exception propagates).
+    """
+    try:
+        pickle.loads(payload)
+    except Exception as again:
+        return type(again) is type(err) and str(again) == str(err)
+    return False
 
 
 def _release(w: Any) -> None:

@@ -87,12 +87,19 @@ def runtime_dir() -> str:
 def _check_dir(path: str) -> os.stat_result:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
+    except FileExistsError:
+        pass  # a file, or a symlink to nothing: lstat says which, below
     except OSError as err:
         raise MailboxError(
             f"cannot create the mailbox runtime directory {path}: {err.strerror}; "
             "set MPROC_RUNTIME_DIR to a directory you own",
             path=path,
+        ) from err
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise MailboxError(
+            f"cannot inspect the mailbox runtime directory {path}: {err.strerror}", path=path
         ) from err
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeRuntimeDir(

@@ -36,6 +36,7 @@ from ._errors import (
     MailboxNotFound,
     MailboxTimeout,
     MessageError,
+    MprocError,
     NoSuchProcess,
 )
 
@@ -48,7 +49,8 @@ _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
-_CREDIT_KINDS = frozenset({wire.KIND_CREDIT})
+# A HELLO can come twice (written again after an interrupt): skipped.
+_CREDIT_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO})
 
 
 class _Retry(Exception):
@@ -325,8 +327,8 @@ def _read_credits(link: Link) -> None:
         link.inbuf += data
         # A copy to parse: views into inbuf would keep it from shrinking.
         frames, used, _need, bad = wire.parse(bytes(link.inbuf), 1 << 20, _CREDIT_KINDS)
-        for _kind, group, limit, _payload in frames:
-            if limit > link.limits.get(group, link.window):
+        for kind, group, limit, _payload in frames:
+            if kind == wire.KIND_CREDIT and limit > link.limits.get(group, link.window):
                 link.limits[group] = limit
         del link.inbuf[:used]
         if bad:
@@ -572,8 +574,15 @@ class _Blocking:
             data += chunk
         return data
 
-    def _refused(self, err: Optional[OSError]) -> HandshakeError:
+    def _refused(self, err: Optional[OSError]) -> MprocError:
         why = "closed the connection" if err is None else f"failed ({err})"
+        if _exits_soon(self.pid):
+            # It exited (or is exiting) under us: not a matter of keys.
+            return NoSuchProcess(
+                f"PID {self.pid} exited during the handshake with its mailbox at {self.path}",
+                pid=self.pid,
+                path=self.path,
+            )
         return HandshakeError(
             f"the mailbox of PID {self.pid} at {self.path} {why} during the handshake: it "
             "uses another key (another MPROC_RUNTIME_DIR?), refused our uid, or is "
@@ -581,3 +590,20 @@ class _Blocking:
             pid=self.pid,
             path=self.path,
         )
+
+
+def _exits_soon(pid: int, within: float = 0.2) -> bool:
+    """Whether ``pid`` is gone or exits within ``within`` seconds (a reset may come
+    from a process in the middle of exiting: its listener closes before it is a zombie)."""
+    if rt.proc_identity(pid) is None:
+        return True
+    try:
+        fd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        return rt.proc_identity(pid) is None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(within * 1000)) or rt.proc_identity(pid) is None
+    finally:
+        os.close(fd)

@@ -83,11 +83,15 @@ class _Child:
         cwd: Optional[StrPath],
         timeout: Optional[float],
         pump: bool = False,
+        *,
+        func: str = "shell",
         **popen: Any,
     ) -> None:
         if not isinstance(cmd, str):
-            raise TypeError(f"cmd must be a str (a shell command line), not {type(cmd).__name__}")
-        timeout = _check.timeout(timeout, "shell")
+            raise TypeError(
+                f"{func}(): cmd must be a str (a shell command line), not {type(cmd).__name__}"
+            )
+        timeout = _check.timeout(timeout, func)
         self.cmd, self.timeout, self.group = cmd, timeout, timeout is not None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._cwd = cwd
@@ -358,7 +362,7 @@ def shell_exec(
         TypeError, ValueError: ``cmd``, ``env`` or ``timeout`` is malformed.
         OSError: the shell could not be started, e.g. ``cwd`` does not exist.
     """
-    with _Child(cmd, env, cwd, timeout, **_CAPTURE) as child:
+    with _Child(cmd, env, cwd, timeout, func="shell_exec", **_CAPTURE) as child:
         try:
             out, _ = child.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as err:
@@ -396,7 +400,7 @@ def shell_run(
         TypeError, ValueError: ``cmd``, ``env`` or ``timeout`` is malformed.
         OSError: the shell could not be started, e.g. ``cwd`` does not exist.
     """
-    with _Child(cmd, env, cwd, timeout) as child:
+    with _Child(cmd, env, cwd, timeout, func="shell_run") as child:
         try:
             child.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a frame changes meaning; both sides check it in the HELLO.
-PROTOCOL = 2
+PROTOCOL = 3
 
 KIND_MSG = 1
 KIND_CREDIT = 2

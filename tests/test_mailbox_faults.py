@@ -265,7 +265,9 @@ STORM_EXCEPTIONS = pytest.mark.parametrize(
 def test_signal_storm_on_the_receiving_side(
     kids: Any, runtime_dir: str, exc: type[BaseException]
 ) -> None:
-    count = 5000
+    # Enough messages that the storm (every 0.5 ms) lands inside receive()
+    # often, however fast receive() has become.
+    count = 20000
     child, conn = start(kids, fp.collect, runtime_dir, count, storm=0.0005, storm_exc=exc)
     (rpid,) = expect(conn, "ready")
     for i in range(count):
