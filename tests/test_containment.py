@@ -722,6 +722,12 @@ def test_the_leak_check_sees_processes_that_left_our_subtree() -> None:
     )
     pid = int(out.stdout)
     try:
+        # /proc/<pid>/environ is readable only once its exec is over: wait
+        # (bounded) until the process is the sleep.
+        deadline = time.monotonic() + TIMEOUT
+        while not _cmdline(pid).startswith(b"sleep\0"):
+            assert time.monotonic() < deadline, f"PID {pid} never became the sleep"
+            time.sleep(0.001)
         token = os.environ[conftest._LEAK_MARKER]
         assert pid in {p.pid for p in conftest._marked(token)}
     finally:
@@ -785,3 +791,11 @@ def test_timeouts_are_validated_everywhere(bad: Any, error: type, spawner: Any) 
     for call in calls:
         with pytest.raises(error, match="timeout"):
             call()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
