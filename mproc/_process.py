@@ -507,7 +507,11 @@ class AdoptedProcess(_Stoppable):
         except OSError as err:  # e.g. EMFILE: no fd left to read /proc with
             if fd is not None:
                 os.close(fd)
-            raise MprocError(f"cannot adopt PID {pid}: {err}", pid=pid) from err
+            raise MprocError(
+                f"cannot adopt PID {pid}: no file descriptor is free to read its identity "
+                f"({err.strerror}); close some or raise RLIMIT_NOFILE (ulimit -n)",
+                pid=pid,
+            ) from err
         except BaseException:
             if fd is not None:
                 os.close(fd)
