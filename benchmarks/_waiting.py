@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+import mproc._runtime
 import mproc._wait
 from mproc import ProcessManager
 
@@ -75,7 +76,8 @@ def _waiter(conn: Connection, pids: list[int], how: str) -> None:
         if how == "mproc-fewfds":
             # Room for half of the pidfds: the rest must fall back to polling.
             in_use = len(os.listdir("/proc/self/fd"))
-            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            result["soft"] = soft
             limit = in_use + len(pids) // 2
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
             result["rlimit_nofile"] = limit
@@ -96,7 +98,10 @@ def _waiter(conn: Connection, pids: list[int], how: str) -> None:
             c0, t0 = _cpu(), time.monotonic()
             manager.wait_all(timeout=30)
             t1, c1 = time.monotonic(), _cpu()
-            alive = [pid for pid in pids if psutil.pid_exists(pid)]
+            if "soft" in result:  # room again to read /proc
+                resource.setrlimit(resource.RLIMIT_NOFILE, (result.pop("soft"), hard))
+            # Gone, or a zombie its launcher has not reaped yet: exited either way.
+            alive = [pid for pid in pids if mproc._runtime.proc_identity(pid) is not None]
             handles = [manager.get_process(pid) for pid in pids]
             result["not_seen"] = sum(1 for h in handles if h is None or h.is_alive())
         else:
@@ -105,7 +110,7 @@ def _waiter(conn: Connection, pids: list[int], how: str) -> None:
             c0, t0 = _cpu(), time.monotonic()
             _gone, still = psutil.wait_procs(procs, timeout=30)
             t1, c1 = time.monotonic(), _cpu()
-            alive = [pid for pid in pids if psutil.pid_exists(pid)]
+            alive = [pid for pid in pids if mproc._runtime.proc_identity(pid) is not None]
             result["not_seen"] = len(still)
         result.update(cpu=c1 - c0, start=t0, end=t1, alive_after=len(alive), error=None)
     except Exception as err:  # reported in the table, not a crash of the suite
