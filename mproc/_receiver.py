@@ -105,6 +105,7 @@ class Receiver:
         self.max_queue = max_queue
         self.max_frame = max_frame
         self.window = min(rt.DEFAULT_WINDOW, max_queue)
+        self.half = max(1, self.window // 2)  # credit is granted in steps this large
         self.idle_limit = idle_limit
         rt.remove_stale(runtime)
         self.path = rt.socket_path(runtime, self.pid, rt.proc_identity(self.pid) or "0")
@@ -308,11 +309,13 @@ class Receiver:
             return
         eof = peer.at_eof()
         bad = peer.parse(self.max_frame)
-        if peer.mid_frame():
+        inp = peer.inp
+        if inp.chunks or inp.big is not None:  # in the middle of a frame
             self.partial[peer] = None
         elif peer in self.partial:
             del self.partial[peer]
-        self._route(peer)
+        if inp.pending:
+            self._route(peer)
         self.unfinished.pop(peer, None)
         if bad:
             self._drop(peer, bad)
@@ -348,10 +351,12 @@ class Receiver:
             peer.last_seq[raw] = last
             if g.waiters:
                 self._wake(g)
-            if len(g.queue) < self.max_queue:
-                self._grant(peer, raw)
-            else:
+            if len(g.queue) >= self.max_queue:
                 g.starved[peer] = None
+            elif last + 1 + self.window - peer.granted.get(raw, self.window) >= self.half:
+                self._grant(peer, raw)
+            elif peer.granted.get(raw, 0) > peer.sent.get(raw, self.window):
+                self._grant(peer, raw)  # recorded and not sent: an interrupt came between
 
     def _new_group(self, raw: bytes, peer: Peer) -> Optional[Group]:
         name = peer.names.get(raw)
@@ -416,7 +421,7 @@ class Receiver:
         a reader sends it (see _pump).
         """
         limit = peer.last_seq.get(raw, -1) + 1 + self.window
-        if limit - peer.granted.get(raw, self.window) >= max(1, self.window // 2):
+        if limit - peer.granted.get(raw, self.window) >= self.half:
             self.unsent[peer] = None
             peer.granted[raw] = limit
         if peer.granted.get(raw, 0) > peer.sent.get(raw, self.window):
@@ -693,7 +698,8 @@ class Receiver:
                             # handler of this thread): say so below, not this.
                             if not self.closed:
                                 raise
-                    self._prune()
+                    if len(self.groups) > self.prune_at:
+                        self._prune()
             finally:
                 if leading:
                     self.reading = _NOBODY  # a store: no signal handler runs before it
@@ -707,8 +713,10 @@ class Receiver:
                     # ...and, also when a signal handler raised, whoever waits is
                     # woken and the background reader takes over if need be.
                     self.last_consumer = time.monotonic()
-                    self._ring()
-                    self._wake_sleepers()
+                    if self.bg_asleep:
+                        _release(self.doorbell)
+                    if self.sleepers:
+                        self._wake_sleepers()
             if leading:
                 continue
             if self.reading is _BACKGROUND:
