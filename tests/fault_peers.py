@@ -245,17 +245,7 @@ class RawPeer:
         self.max_frame, self.window = hello[1], hello[2]
 
     def recv_frame(self) -> bytes:
-        (size,) = wire.LEN.unpack(self._exactly(wire.LEN.size))
-        return self._exactly(size)
-
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError("the mailbox closed the connection")
-            data += chunk
-        return data
+        return _Frames(self.sock).recv()
 
     def unsent(self) -> int:
         """Bytes we wrote that the mailbox has not read yet (SIOCOUTQ)."""
@@ -582,7 +572,7 @@ class _Frames:
         while len(data) < n:
             chunk = self.sock.recv(n - len(data))
             if not chunk:
-                raise EOFError("the sender closed the connection")
+                raise EOFError("the peer closed the connection")
             data += chunk
         return data
 
