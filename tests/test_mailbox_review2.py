@@ -12,10 +12,10 @@ import sys
 from multiprocessing import connection as mpc
 from typing import Any
 
+from mailbox_peers import WAIT, use_runtime, wait_for
+
 import mproc
 from mproc import _mailbox
-
-from mailbox_peers import WAIT, use_runtime, wait_for
 
 
 def _fill_reconnect_send(rundir: str, parent: int, conn: mpc.Connection) -> None:
@@ -36,7 +36,7 @@ def _fill_reconnect_send(rundir: str, parent: int, conn: mpc.Connection) -> None
     try:
         mproc.send(parent, "after", "g", timeout=3.0)
         conn.send("ok")
-    except Exception as err:  # noqa: BLE001 - reported to the test
+    except Exception as err:
         conn.send(repr(err))
 
 
@@ -87,7 +87,7 @@ def test_message_that_never_unpickles_alike_is_consumed() -> None:
         try:
             seen.append(mproc.receive("g", timeout=WAIT).data)
             break
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             seen.append(type(err).__name__)
     assert seen == ["MessageError", "next"]
 
