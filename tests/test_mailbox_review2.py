@@ -135,3 +135,44 @@ def test_credit_of_an_earlier_program_with_the_same_pid_is_not_inherited(
     assert kids.finish(child) == 0
     window = _mailbox._state.receiver.window
     assert held <= max_queue + window, f"a group of max_queue={max_queue} took {held} messages"
+
+
+def test_signal_handler_can_send_to_its_own_pid_while_receive_waits() -> None:
+    # The classic way to wake a loop blocked in receive(): a signal handler
+    # sends itself a message. The HELLO of a new connection is now written by
+    # the reader (_take_new_peers) -- and the only reader is the thread the
+    # handler interrupted (the background one sleeps while a receive() leads).
+    # The handler's first send() to itself waits for a HELLO nobody writes and
+    # fails with MailboxTimeout; the loop never wakes.
+    import signal
+    import threading
+
+    from mproc._receiver import Reading
+
+    mproc.open_mailbox()
+    r = _mailbox._state.receiver
+    failures: list[BaseException] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            mproc.send(os.getpid(), "stop", "ctl", timeout=3.0)
+        except Exception as err:
+            failures.append(err)
+
+    def fire() -> None:
+        wait_for(lambda: r.reading is Reading.CONSUMER, "receive() to lead")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    firer = threading.Thread(target=fire)
+    try:
+        firer.start()
+        try:
+            got = mproc.receive("ctl", timeout=6.0).data
+        except mproc.ReceiveTimeout:
+            got = None
+    finally:
+        firer.join(WAIT)
+        signal.signal(signal.SIGUSR1, old)
+    assert failures == []
+    assert got == "stop"
