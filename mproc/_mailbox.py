@@ -176,7 +176,7 @@ def open_mailbox(
     Args:
         max_queue: messages a group holds ahead of its receivers before senders
             are slowed down (default 10 000), plus a window of
-            ``min(64, max_queue)`` per sending connection; on an open mailbox,
+            ``min(1024, max_queue)`` per sending process; on an open mailbox,
             changes it.
         max_frame: the largest message accepted, in bytes (default 1 GiB);
             senders learn it when they connect and refuse larger messages.

@@ -92,14 +92,16 @@ class Peer:
         "progress",
         "reader",
         "sent",
+        "session",
         "sock",
         "successor",
     )
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+    def __init__(self, sock: socket.socket, pid: int, session: int = 0) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.pid = pid
+        self.session = session  # the sending process's session (its HELLO's epoch)
         # Calls os.read until the iterator is dropped (None never matches):
         # extending a deque from it records every byte read in C.
         self.reader = iter(partial(os.read, self.fd, _CHUNK), None)

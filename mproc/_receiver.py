@@ -42,9 +42,11 @@ import os
 import pickle
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
+from types import FrameType
 from typing import Any, Optional
 
 from . import _runtime as rt
@@ -135,7 +137,7 @@ class Receiver:
         self.unsent: dict[Peer, None] = {}  # peers with a grant recorded, maybe not sent
         # Per sending PID, its credit (last seq routed, limit granted, per
         # group): a new connection of the process carries on with it.
-        self.credit: dict[int, tuple[dict[bytes, int], dict[bytes, int]]] = {}
+        self.credit: dict[tuple[int, int], tuple[dict[bytes, int], dict[bytes, int]]] = {}
         self.credit_limit = _KEEP_CREDIT
         self.epoch = int.from_bytes(os.urandom(8), "big")  # told in HELLO: this mailbox
         self.hello = wire.hello(max_frame, self.window, self.epoch)
@@ -181,12 +183,26 @@ class Receiver:
 
     # ---------------------------------------------------------------- admission
 
-    def _on_admit(self, sock: socket.socket, pid: int) -> bool:
-        """Take an admitted peer (admission thread); the reader picks it up at once."""
+    def _on_admit(self, sock: socket.socket, pid: int, session: int) -> bool:
+        """Take an admitted peer (admission thread); the reader picks it up at once.
+
+        Our HELLO goes out after the peer is queued for the reader (whatever it
+        sends then, the next receive() finds), from this thread, which no
+        signal handler interrupts: a handler of the main thread, which may be
+        the reader, can send to its own PID. The reader writes the HELLO too
+        if it takes the peer first, so that it precedes every CREDIT; the
+        sender skips a second one.
+        """
         if self.closed:
             return False
-        self.new_peers.append(Peer(sock, pid))
+        peer = Peer(sock, pid, session)
+        self.new_peers.append(peer)
         self.wakeup.wake()
+        try:
+            os.write(peer.fd, self.hello)
+        except OSError:
+            pass  # it left; the reader sees EOF
+        peer.greeted = True
         return True
 
     def _take_new_peers(self) -> None:
@@ -213,7 +229,10 @@ class Receiver:
             self.new_peers.popleft()
 
     def _activate(self, peer: Peer) -> None:
-        saved = self.credit.get(peer.pid)
+        # Keyed by the sending process's session too (a random number in its
+        # HELLO): a new program in the same PID (exec) starts afresh.
+        key = (peer.pid, peer.session)
+        saved = self.credit.get(key)
         if saved is not None and saved[0] is not peer.last_seq:
             # The sender carries its credit over to its new connection (see
             # _sender): so must we, or every reconnect would add a window.
@@ -221,7 +240,13 @@ class Receiver:
             peer.last_seq, peer.granted = saved
             peer.sent = {}
             self.unsent[peer] = None
-        self.credit[peer.pid] = (peer.last_seq, peer.granted)
+            for raw in list(peer.last_seq):
+                g = self.by_raw.get(raw)
+                if g is None or len(g.queue) < self.max_queue:
+                    self._grant(peer, raw)  # it may have run out on the old connection
+                else:
+                    g.starved[peer] = None
+        self.credit[key] = (peer.last_seq, peer.granted)
         if len(self.credit) > self.credit_limit:
             self._forget_dead_senders()
         self.by_pid[peer.pid] = peer
@@ -235,9 +260,9 @@ class Receiver:
 
     def _forget_dead_senders(self) -> None:
         """Drop the credit kept for processes that are gone (amortised: the limit doubles)."""
-        for pid in list(self.credit):
-            if pid not in self.by_pid and rt.proc_identity(pid) is None:
-                del self.credit[pid]
+        for key in list(self.credit):
+            if key[0] not in self.by_pid and rt.proc_identity(key[0]) is None:
+                del self.credit[key]
         self.credit_limit = max(_KEEP_CREDIT, 2 * len(self.credit))
 
     # ---------------------------------------------------------------- reading
@@ -471,8 +496,10 @@ class Receiver:
             g = self.starving[0]
             if len(g.queue) < self.max_queue:
                 for peer in list(g.starved):
-                    if not peer.dead:
-                        self._grant(peer, g.raw)
+                    # A connection that ended hands over to the process's next one.
+                    now = peer if not peer.dead else self.by_pid.get(peer.pid)
+                    if now is not None and not now.dead:
+                        self._grant(now, g.raw)
                     g.starved.pop(peer, None)
             self.starving.popleft()
 
@@ -674,10 +701,15 @@ class Receiver:
                     group=g.name,
                 )
             if self.leader_lock._is_owned():  # type: ignore[attr-defined]
-                raise RuntimeError(
-                    "receive() was called (from a signal handler?) while this thread was "
-                    "already inside receive(); the mailbox cannot be read re-entrantly"
-                )
+                if self._suspended_here():
+                    raise RuntimeError(
+                        "receive() was called (from a signal handler?) while this thread was "
+                        "already inside receive(); the mailbox cannot be read re-entrantly"
+                    )
+                # Left held by a receive() a signal handler interrupted inside its
+                # finally clause (Python < 3.11 runs handlers there too).
+                self.reading = _NOBODY
+                self.leader_lock.release()
             leading = False
             try:
                 if self.leader_lock.acquire(False):
@@ -729,6 +761,15 @@ class Receiver:
                     handover = time.monotonic() + _HANDOVER
                 remaining = max(handover - time.monotonic(), 0.0)
             self._sleep(g, remaining)
+
+    def _suspended_here(self) -> bool:
+        """Whether a receive() of this mailbox is suspended further up this thread's stack."""
+        frame: Optional[FrameType] = sys._getframe(2)  # above the caller
+        while frame is not None:
+            if frame.f_code is _TAKE_CODE and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
 
     def _sleep(self, g: Group, timeout: Optional[float]) -> None:
         w = threading.Lock()
@@ -825,6 +866,7 @@ class Receiver:
 
 
 _new_msg = object.__new__  # Msg is frozen: build it by its __dict__ (4x faster)
+_TAKE_CODE = Receiver._take.__code__
 
 
 def _unpicklable(payload: Any, err: Exception) -> bool:
@@ -832,13 +874,14 @@ def _unpicklable(payload: Any, err: Exception) -> bool:
 
     A signal handler's exception raised while the unpickler ran Python code
     looks the same. So try once more: failing again alike is the message's
-    fault (it is consumed, MessageError); working now means the first failure
-    came from outside (the message is kept and the exception propagates).
+    fault (it is consumed, MessageError; the text may differ, e.g. it names a
+    request id); working now means the first failure came from outside (the
+    message is kept and the exception propagates).
     """
     try:
         pickle.loads(payload)
     except Exception as again:
-        return type(again) is type(err) and str(again) == str(err)
+        return type(again) is type(err)
     return False
 
 

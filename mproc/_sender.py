@@ -21,9 +21,11 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
+from types import FrameType
 from typing import Optional
 
 from . import _runtime as rt
@@ -112,6 +114,8 @@ class _Links:
         # (pid, mailbox epoch) -> (seqs, limits): credit kept across connections.
         self.credit: OrderedDict[tuple[int, int], tuple[dict[bytes, int], dict[bytes, int]]]
         self.credit = OrderedDict()
+        # Names this process's credit to receivers (a new one after fork or exec).
+        self.session = int.from_bytes(os.urandom(8), "big")
 
 
 _links = _Links()
@@ -207,10 +211,15 @@ def _show(group: bytes) -> str:
 
 def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout: float) -> None:
     if link.lock._is_owned():  # type: ignore[attr-defined]
-        raise RuntimeError(
-            f"send() to PID {link.pid} was called (from a signal handler?) while this thread "
-            "was inside another send() to it; a connection carries one frame at a time"
-        )
+        if _suspended_here(link):
+            raise RuntimeError(
+                f"send() to PID {link.pid} was called (from a signal handler?) while this "
+                "thread was inside another send() to it; a connection carries one frame at a time"
+            )
+        # Left held by a send() a signal handler interrupted inside its finally
+        # clause (Python < 3.11 runs handlers there too): never reuse the link.
+        link.dirty = True
+        link.lock.release()
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -489,7 +498,7 @@ def _handshake(
             path=path,
         )
     io.send(wire.WELCOME)
-    io.sock.sendall(wire.hello())
+    io.sock.sendall(wire.hello(epoch=_links.session))
     try:
         _version, max_frame, window, epoch = wire.parse_hello(io.recv("its HELLO"))
     except ValueError as err:
@@ -607,3 +616,16 @@ def _exits_soon(pid: int, within: float = 0.2) -> bool:
         return bool(poller.poll(within * 1000)) or rt.proc_identity(pid) is None
     finally:
         os.close(fd)
+
+
+def _suspended_here(link: Link) -> bool:
+    """Whether a send() on ``link`` is suspended further up this thread's stack."""
+    frame: Optional[FrameType] = sys._getframe(2)  # above the caller
+    while frame is not None:
+        if frame.f_code in _SEND_CODES and frame.f_locals.get("link") is link:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_SEND_CODES = frozenset({_send_on.__code__, _fast_send.__code__, _write_msg.__code__})
