@@ -189,33 +189,26 @@ class Receiver:
         Our HELLO goes out after the peer is queued for the reader (whatever it
         sends then, the next receive() finds), from this thread, which no
         signal handler interrupts: a handler of the main thread, which may be
-        the reader, can send to its own PID. The reader writes the HELLO too
-        if it takes the peer first, so that it precedes every CREDIT; the
-        sender skips a second one.
+        the reader, can send to its own PID. The reader takes the peer only
+        once it is greeted, so the HELLO precedes every CREDIT.
         """
         if self.closed:
             return False
         peer = Peer(sock, pid, session)
         self.new_peers.append(peer)
-        self.wakeup.wake()
         try:
             os.write(peer.fd, self.hello)
         except OSError:
             pass  # it left; the reader sees EOF
         peer.greeted = True
+        self.wakeup.wake()
         return True
 
     def _take_new_peers(self) -> None:
         while self.new_peers:
             peer = self.new_peers[0]
             if not peer.greeted:
-                # Our HELLO lets it send. Written again after an interrupt
-                # (the sender skips a second one): a small write is atomic.
-                try:
-                    os.write(peer.fd, self.hello)
-                except OSError:
-                    pass  # it left; the reader sees EOF
-                peer.greeted = True
+                return  # admission is writing our HELLO; it wakes us after
             head = self.by_pid.get(peer.pid)
             if head is None or head.dead or head is peer:
                 self._activate(peer)
