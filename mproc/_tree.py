@@ -14,7 +14,11 @@ A process's *tree* is the union of
 
 Killing freezes first: every member found is sent SIGSTOP, then the search
 runs again until it finds nobody new (a stopped process cannot fork), then
-all are sent the signal. Members are pinned with pidfds as they are found,
+all are sent the signal. A root's process group is frozen as a whole, by one
+signal to the group, before the search: the kernel stops every member at
+once and restarts a fork under way after the stop, so a chain that forks and
+exits (changing PID faster than ``/proc`` can be read) cannot run ahead of
+the search. Members are pinned with pidfds as they are found,
 so a PID reused meanwhile is never signalled. Members that were re-parented
 to us (when this process is a child subreaper) are reaped by their pidfd,
 exactly those: never ``waitpid(-1)``, which would steal the status of a
@@ -54,6 +58,9 @@ _MEMFD_TAG = b"/memfd:" + MEMFD_PREFIX.encode()
 # A round of search-and-freeze finds what the previous round's members forked
 # before they were stopped; a fork bomb could keep it going, so bound it.
 _MAX_ROUNDS = 64
+# include/uapi/linux/pidfd.h (Linux 6.9): signal the process group whose ID is
+# the pidfd's PID (the struct pid it pins: never a group that reused the number).
+_PIDFD_SIGNAL_PROCESS_GROUP = 4
 # include/linux/sched.h: the flags field of /proc/<pid>/stat marks kernel threads.
 _PF_KTHREAD = 0x00200000
 
@@ -262,6 +269,50 @@ def _pin(pid: int) -> Optional[int]:
         return None
 
 
+def _signal_group(pgid: int, pidfd: Optional[int], sig: int, procs: dict[int, _Stat]) -> bool:
+    """Send ``sig`` to every member of process group ``pgid`` at once; return whether it was.
+
+    Through ``pidfd`` (the group leader's, Linux 6.9) the group is the one
+    that PID pins, whatever happened since. Without one, or on an older
+    kernel, the group must have a member in ``procs`` that still is in it
+    when re-read just before :func:`os.killpg`: then the ID is in use, so it
+    names that group (PIDs are allocated cyclically: a number freed in
+    between is not handed out again before the allocator wraps around).
+    """
+    if pidfd is not None:
+        try:
+            _signal.pidfd_send_signal(pidfd, sig, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+            return True
+        except ProcessLookupError:
+            return True  # the group is empty: nothing to signal
+        except PermissionError:
+            return True  # some members are not ours to signal: the others were
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: a kernel older than 6.9
+                raise
+    for pid, st in procs.items():
+        if st.pgid != pgid:
+            continue
+        now = _read_stat(pid)
+        if now is not None and now.start == st.start and now.pgid == pgid:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return True
+    return False
+
+
+def _groups_of(pids: Iterable[int]) -> set[int]:
+    """The process groups of ``pids`` (those never to be signalled as a whole)."""
+    groups = {os.getpgid(0)}
+    for pid in pids:
+        st = _read_stat(pid)
+        if st is not None:
+            groups.add(st.pgid)
+    return groups
+
+
 def _find(roots: Sequence[Root], procs: dict[int, _Stat], members: dict[int, _Member]) -> set[int]:
     """Return the PIDs in ``procs`` that belong to the trees and are not members yet."""
     found: set[int] = set()
@@ -333,10 +384,28 @@ def kill_trees(
     members: dict[int, _Member] = {}
     root_fds = {r.pid: r.pidfd for r in roots if r.pidfd is not None}
     procs: dict[int, _Stat] = {}
+    # The roots' groups, to freeze as a whole (never one holding us or an ancestor).
+    groups = {r.pid: r.pidfd for r in roots if r.group}
+    for pgid in _groups_of(exclude) & set(groups):
+        del groups[pgid]
+    frozen: set[int] = set()
     try:
         try:
+            for pgid, fd in groups.items():
+                if fd is not None and _signal_group(pgid, fd, _signal.SIGSTOP, procs):
+                    frozen.add(pgid)
             for _ in range(_MAX_ROUNDS):
                 procs = _scan()
+                # A group without its leader's pidfd is frozen once a member is seen;
+                # then search again: this search may have missed what they forked.
+                late = [
+                    pgid
+                    for pgid in groups.keys() - frozen
+                    if _signal_group(pgid, None, _signal.SIGSTOP, procs)
+                ]
+                if late:
+                    frozen.update(late)
+                    continue
                 new = _find(roots, procs, members) - exclude
                 if not new:
                     break
@@ -349,9 +418,14 @@ def kill_trees(
             # Even if the search failed half-way, what was frozen gets the signal.
             for m in members.values():
                 m.send(sig)
-            if sig not in (_signal.SIGKILL, _signal.SIGSTOP):
+            if sig == _signal.SIGKILL:
+                for pgid in frozen:  # the members any search missed, too
+                    _signal_group(pgid, groups[pgid], sig, procs)
+            elif sig != _signal.SIGSTOP:
                 for m in members.values():
                     m.send(_signal.SIGCONT)  # stopped processes would not act on it
+                for pgid in frozen:  # no member is left stopped, found or not
+                    _signal_group(pgid, groups[pgid], _signal.SIGCONT, procs)
         if timeout is None or timeout > 0:
             _wait_gone(list(members.values()), timeout)
         _reap(members.values(), set(keep))

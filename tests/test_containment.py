@@ -185,6 +185,167 @@ def test_a_process_that_ignores_sigterm_is_killed_with_its_tree(
     forget_sockets(runtime_dir, [p.pid, *pids])  # type: ignore[list-item]
 
 
+# --- a tree that changes PID faster than /proc can be read -----------------------------
+
+# How long a fork-and-exit chain runs at most on its own (so nothing can run
+# away if a test fails); far longer than any test of it takes.
+_CHAIN_SECONDS = 20.0
+# The bound on terminate_all(timeout=_CHAIN_GRACE) over such a chain: the grace,
+# then about a second after the SIGKILL step (SPEC §4).
+_CHAIN_GRACE = 0.3
+_CHAIN_BOUND = 2.5
+
+
+def _fork_chain(conn: Connection, seconds: float) -> None:
+    """Ignore SIGTERM; start a chain whose every link forks the next and exits; block.
+
+    The 20th link sends ``"go"`` (the chain runs), a link that outlives
+    ``seconds`` sends ``"end"`` (the chain ended on its own) and stops it.
+    Every link holds ``conn``: its EOF says that the whole chain has exited.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end = time.monotonic() + seconds
+    if os.fork() == 0:
+        links = 0
+        while time.monotonic() < end:
+            if os.fork():
+                os._exit(0)
+            links += 1
+            if links == 20:
+                conn.send("go")
+        conn.send("end")
+        os._exit(0)
+    select.select([], [], [], seconds)
+    os._exit(0)
+
+
+# A link of the chain for `sh`: $0 is the script itself, $1 the link's number,
+# $2 the time (seconds since the epoch) after which the chain ends itself.
+_SH_LINK = """
+[ "$1" -eq 20 ] && echo go
+if [ "$(date +%s)" -ge "$2" ]; then echo end; exit 0; fi
+sh -c "$0" "$0" $(($1 + 1)) "$2" &
+"""
+# The whole chain in Python; its first link is the Command's own process.
+_PY_CHAIN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+end, links = time.monotonic() + float(sys.argv[1]), 0
+while time.monotonic() < end:
+    if os.fork():
+        os._exit(0)
+    links += 1
+    if links == 20:
+        os.write(1, b"go\\n")
+os.write(1, b"end\\n")
+"""
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes (zombies too) of process group ``pgid``, from /proc."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if int(data[data.rfind(b")") + 2 :].split()[2]) == pgid:
+                found.append(int(name))
+    return found
+
+
+def _read_to_eof(fd: int, timeout: float) -> bytes:
+    """Everything written to pipe ``fd`` until every writer closed it (bounded)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"the chain still holds its pipe: {data!r}"
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _stop_chain(m: mproc.ProcessManager, root: int, stubborn: bool) -> float:
+    """terminate_all() the chain of ``root``; check that nothing of it survives; return the time."""
+    started = time.monotonic()
+    try:
+        if stubborn:
+            with pytest.warns(RuntimeWarning, match=rf"PID {root}"):
+                m.terminate_all(timeout=_CHAIN_GRACE)
+        else:
+            m.terminate_all(timeout=_CHAIN_GRACE)
+        return time.monotonic() - started
+    finally:
+        # Nothing of the group is left, not even a zombie (kill_trees reaps
+        # the links re-parented to this process, a child subreaper).
+        assert _group(root) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_chain_that_forks_and_exits_is_stopped_in_bounded_time(
+    method: str, runtime_dir: str
+) -> None:
+    # Each link lives for one fork: no search of /proc sees the chain whole.
+    r, w = multiprocessing.Pipe(duplex=False)
+    m = mproc.ProcessManager()
+    p = mproc.Process(target=_fork_chain, args=(w, _CHAIN_SECONDS), start_method=method)
+    m.start(p)
+    w.close()
+    assert _recv(r) == "go"
+    took = _stop_chain(m, p.pid, stubborn=True)  # type: ignore[arg-type]
+    assert p.exitcode == -signal.SIGKILL
+    # EOF: every link has exited; none ended the chain by itself.
+    messages = []
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        assert r.poll(max(0.0, deadline - time.monotonic())), "the chain still holds its pipe"
+        try:
+            messages.append(r.recv())
+        except EOFError:
+            break
+    assert "end" not in messages
+    assert took < _CHAIN_BOUND
+    forget_sockets(runtime_dir, [p.pid])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("kernel", ["6.9", "older"])
+@pytest.mark.parametrize("form", ["sh", "python"])
+def test_a_command_whose_chain_forks_and_exits_is_stopped_in_bounded_time(
+    form: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel == "older":  # no PIDFD_SIGNAL_PROCESS_GROUP: EINVAL, then os.killpg()
+        monkeypatch.setattr(_tree, "_PIDFD_SIGNAL_PROCESS_GROUP", 1 << 30)
+    m = mproc.ProcessManager()
+    if form == "sh":
+        # The command itself stays, ignoring SIGTERM; the chain runs exec'd shells.
+        until = int(time.time() + _CHAIN_SECONDS)
+        script = f'trap "" TERM; sh -c "$0" "$0" 0 {until} & exec sleep {_CHAIN_SECONDS:g}'
+        c = m.new_process("sh", ["-c", script, _SH_LINK], stdout=subprocess.PIPE)
+    else:
+        # The command is the chain's first link: it is gone at once.
+        c = m.new_process(
+            sys.executable, ["-c", _PY_CHAIN, str(_CHAIN_SECONDS)], stdout=subprocess.PIPE
+        )
+    c.start()
+    assert c.stdout is not None
+    fd = c.stdout.fileno()
+    try:
+        assert select.select([fd], [], [], TIMEOUT)[0], "the chain did not start"
+        assert os.read(fd, 3) == b"go\n"
+        took = _stop_chain(m, c.pid, stubborn=form == "sh")  # type: ignore[arg-type]
+        # EOF: every link has exited; none ended the chain by itself.
+        assert b"end" not in _read_to_eof(fd, TIMEOUT)
+    finally:
+        c.stdout.close()
+    assert took < _CHAIN_BOUND
+
+
 def test_kill_and_kill_all_stop_trees() -> None:
     m = mproc.ProcessManager()
     cmds = [
