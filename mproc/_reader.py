@@ -21,6 +21,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from functools import partial
@@ -85,6 +86,7 @@ class Peer:
         "fd",
         "granted",
         "greeted",
+        "greeting",
         "inp",
         "last_seq",
         "names",
@@ -110,6 +112,7 @@ class Peer:
         self.granted: dict[bytes, int] = {}  # group -> the limit granted (recorded first)
         self.sent: dict[bytes, int] = {}  # group -> the largest limit written to it
         self.greeted = False  # our HELLO was written
+        self.greeting = threading.Lock()  # held by admission while it writes the HELLO
         self.names: dict[bytes, str] = {}
         self.successor: Optional[Peer] = None  # this process's next connection
         self.active = False  # registered with epoll

@@ -195,12 +195,13 @@ class Receiver:
         if self.closed:
             return False
         peer = Peer(sock, pid, session)
-        self.new_peers.append(peer)
-        try:
-            os.write(peer.fd, self.hello)
-        except OSError:
-            pass  # it left; the reader sees EOF
-        peer.greeted = True
+        with peer.greeting:  # the reader waits for it if it finds the peer first
+            self.new_peers.append(peer)
+            try:
+                os.write(peer.fd, self.hello)
+            except OSError:
+                pass  # it left; the reader sees EOF
+            peer.greeted = True
         self.wakeup.wake()
         return True
 
@@ -208,7 +209,8 @@ class Receiver:
         while self.new_peers:
             peer = self.new_peers[0]
             if not peer.greeted:
-                return  # admission is writing our HELLO; it wakes us after
+                with peer.greeting:  # admission is writing our HELLO: a moment
+                    pass
             head = self.by_pid.get(peer.pid)
             if head is None or head.dead or head is peer:
                 self._activate(peer)
