@@ -541,11 +541,6 @@ class Receiver:
 
     # ---------------------------------------------------------------- leadership
 
-    def _ring(self) -> None:
-        """Wake the background thread if it sleeps with no timer."""
-        if self.bg_asleep:
-            _release(self.doorbell)
-
     def _wake_sleepers(self) -> None:
         sleepers, self.sleepers = self.sleepers, []
         for w in sleepers:
