@@ -431,6 +431,7 @@ class ProcessManager:
         sig: int,
         timeout: Optional[float],
         pinned: Optional[list[_Pinned]] = None,
+        seen: Optional[dict[int, int]] = None,
     ) -> list[int]:
         """Freeze and signal the trees of ``trees`` in one search; return the PIDs signalled."""
         own = pinned is None
@@ -440,7 +441,9 @@ class ProcessManager:
                 return []
             # Handles reap their own processes: their statuses are theirs.
             keep = {pid for pid, _ in self._held()}
-            return _tree.kill_trees([p.root() for p in pins], sig, timeout=timeout, keep=keep)
+            return _tree.kill_trees(
+                [p.root() for p in pins], sig, timeout=timeout, keep=keep, seen=seen
+            )
         finally:
             if own:
                 for p in pins:
@@ -528,8 +531,9 @@ class ProcessManager:
         timeout: Optional[float],
     ) -> dict[int, Optional[int]]:
         signalled, failures = self._signal_each(alone, lambda h: h.terminate())
+        seen: dict[int, int] = {}  # tree members of the SIGTERM step, for the SIGKILL step
         try:
-            self._kill_trees(trees, _signal.SIGTERM, 0, pins)
+            self._kill_trees(trees, _signal.SIGTERM, 0, pins, seen)
         except Exception as err:
             failures.update((pid, err) for pid, _ in trees)
         signalled += [t for t in trees if t[0] not in failures]
@@ -552,7 +556,7 @@ class ProcessManager:
         # Every tree, whether its root is alive or not: descendants that
         # outlived their root (or ignored SIGTERM) go now.
         try:
-            self._kill_trees(trees, _signal.SIGKILL, _KILL_WAIT, pins)
+            self._kill_trees(trees, _signal.SIGKILL, _KILL_WAIT, pins, seen)
         except Exception as err:
             failures.update((pid, err) for pid, _ in trees)
         if stubborn:

@@ -366,6 +366,7 @@ def kill_trees(
     *,
     timeout: Optional[float] = 5.0,
     keep: Iterable[int] = (),
+    seen: Optional[dict[int, int]] = None,
 ) -> list[int]:
     """Freeze and signal every tree of ``roots`` at once (one ``/proc`` search for all).
 
@@ -376,6 +377,9 @@ def kill_trees(
             limit; ``0``: do not wait).
         keep: PIDs never to reap here (children whose status belongs to a
             handle).
+        seen: members of earlier calls for the same trees (PID -> start
+            time), added to here: one that exited while its parent lived and
+            became our child (a zombie) when that parent died is reaped too.
 
     Returns:
         The PIDs signalled, sorted.
@@ -429,6 +433,9 @@ def kill_trees(
         if timeout is None or timeout > 0:
             _wait_gone(list(members.values()), timeout)
         _reap(members.values(), set(keep))
+        if seen is not None:
+            _reap_seen(seen, set(keep) | set(members))
+            seen.update((pid, m.start) for pid, m in members.items())
     finally:
         for m in members.values():
             m.close()
@@ -476,6 +483,22 @@ def _reap(members: Iterable[_Member], keep: set[int]) -> None:
         except OSError as err:
             if err.errno != errno.EINVAL:  # P_PIDFD unknown to an old kernel
                 raise
+
+
+def _reap_seen(seen: dict[int, int], skip: set[int]) -> None:
+    """Reap former members that are now zombie children of ours (same start time)."""
+    me = os.getpid()
+    for pid, start in list(seen.items()):
+        if pid in skip:
+            continue
+        st = _read_stat(pid)
+        # A zombie's PID is not reused until it is reaped: the start time names it.
+        if st is not None and st.zombie and st.ppid == me and st.start == start:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            del seen[pid]
 
 
 def kill_tree(pid: int, sig: int = _signal.SIGKILL, *, timeout: Optional[float] = 5.0) -> list[int]:

@@ -960,3 +960,41 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def _leave_a_zombie(conn: Any) -> None:
+    kid = os.fork()
+    if kid == 0:
+        os.setsid()
+        os._exit(0)
+    conn.send(kid)
+    select.select([], [], [])  # never reaps it: a zombie of this worker
+
+
+def test_a_zombie_a_worker_never_reaped_is_reaped_when_its_tree_stops() -> None:
+    # The worker's child left the session and exited; the worker never reaped
+    # it. When the tree is stopped the zombie comes to us (pytest is a
+    # subreaper): terminate_all() must reap it, not leave it behind.
+    r, w = multiprocessing.get_context("fork").Pipe(duplex=False)
+    with mproc.ProcessManager() as m:
+        m.start(mproc.Process(target=_leave_a_zombie, args=(w,), start_method="fork"))
+        assert r.poll(TIMEOUT)
+        kid = r.recv()
+        deadline = time.monotonic() + TIMEOUT
+        while _stat_fields(kid)[:1] != ["Z"]:
+            assert time.monotonic() < deadline, f"PID {kid} never became a zombie"
+            time.sleep(0.001)
+    # Gone: neither running nor a zombie child of ours.
+    assert _stat_fields(kid) == [], f"PID {kid} was left behind: {_stat_fields(kid)}"
+    r.close()
+    w.close()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """State and parent of ``pid`` (``[]`` when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return data[data.rfind(")") + 2 :].split()[:2]
