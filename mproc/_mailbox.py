@@ -61,7 +61,8 @@ def _dumps(obj: Any) -> bytes:
     if not _BY_VALUE:
         try:
             data = pickle.dumps(obj, protocol=5)
-        except Exception:  # lambdas, local classes...: cloudpickle handles them
+        except Exception as err:  # lambdas, local classes...: cloudpickle handles them
+            _raise_if_from_outside(pickle.dumps, obj, err)
             data = None
         if data is not None and (b"__main__" in data or b"__mp_main__" in data):
             data = None
@@ -69,10 +70,27 @@ def _dumps(obj: Any) -> bytes:
         try:
             data = cloudpickle.dumps(obj, protocol=5)
         except Exception as err:
+            _raise_if_from_outside(cloudpickle.dumps, obj, err)
             raise MessageError(
                 f"cannot pickle the {type(obj).__name__} object to send: {err}; nothing was sent"
             ) from err
     return data
+
+
+def _raise_if_from_outside(dumps: Any, obj: Any, err: Exception) -> None:
+    """Re-raise ``err`` if it did not come from pickling ``obj`` itself.
+
+    A signal handler's exception raised while the pickler ran Python code
+    looks the same as the object's own failure: pickle once more; failing
+    alike (same type) is the object's fault, working now means ``err`` came
+    from outside and must propagate as it is (SPEC §5 Interrupts).
+    """
+    try:
+        dumps(obj, protocol=5)
+    except Exception as again:
+        if type(again) is type(err):
+            return
+    raise err
 
 
 # ---------------------------------------------------------------- state

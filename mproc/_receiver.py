@@ -272,7 +272,10 @@ class Receiver:
             self._on_wake()
         if self.unfinished:
             for left in list(self.unfinished):
+                # A reader was interrupted with this peer: routing or a grant may
+                # be half done. Grant again what its groups have room for.
                 self._digest(left)
+                self._regrant(left)
         if self.partial:
             self._expire_stalled()
             timeout = self.idle_limit / 4 if timeout is None else min(timeout, self.idle_limit / 4)
@@ -365,10 +368,12 @@ class Receiver:
                 if g is None:
                     self._drop(peer, "sent a group name that is not UTF-8")
                     return
+            # Recorded first: an interrupt before the move leaves the messages
+            # pending (routed by the next reader), never credit unaccounted.
+            peer.last_seq[raw] = last
             # One C call moves the run: no bytecode runs between taking a
             # message from the peer and putting it in the group.
             g.queue.extend(itertools.islice(iter(take, NOTHING), k))
-            peer.last_seq[raw] = last
             if g.waiters:
                 self._wake(g)
             if len(g.queue) >= self.max_queue:
@@ -470,6 +475,17 @@ class Receiver:
                 if limit > peer.sent.get(raw, self.window):
                     self._send_credit(peer, raw, limit)
             self.unsent.pop(peer, None)
+
+    def _regrant(self, peer: Peer) -> None:
+        """Re-evaluate every grant of ``peer`` (after an interrupted reader)."""
+        if peer.dead:
+            return
+        for raw in list(peer.last_seq):
+            g = self.by_raw.get(raw)
+            if g is None or len(g.queue) < self.max_queue:
+                self._grant(peer, raw)
+            elif peer.granted.get(raw, 0) > peer.sent.get(raw, self.window):
+                self._send_credit(peer, raw, peer.granted[raw])
 
     def _regrant_all(self, peer: Peer) -> None:
         """The peer became writable: send it every limit it was granted."""

@@ -8,10 +8,12 @@ internal state (as ``mailbox_peers.wait_for``).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from multiprocessing import connection as mpc
 from typing import Any
 
+import pytest
 from mailbox_peers import WAIT, use_runtime, wait_for
 
 import mproc
@@ -176,3 +178,37 @@ def test_signal_handler_can_send_to_its_own_pid_while_receive_waits() -> None:
         signal.signal(signal.SIGUSR1, old)
     assert failures == []
     assert got == "stop"
+
+
+class _SignalOnceWhilePickled:
+    """Sends this process SIGUSR1 the first time it is pickled (a signal landing mid-send)."""
+
+    fired = False
+
+    def __reduce__(self) -> Any:
+        if not _SignalOnceWhilePickled.fired:
+            _SignalOnceWhilePickled.fired = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return (int, (7,))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handlers_exception_while_send_pickles_propagates() -> None:
+    # Not a MessageError: the object pickles fine; the exception is the handler's.
+    def handler(signum: int, frame: Any) -> None:
+        raise _Interrupted("SIGUSR1 inside send()")
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        mproc.open_mailbox()
+        with pytest.raises(_Interrupted):
+            mproc.send(os.getpid(), (1, _SignalOnceWhilePickled()), timeout=5)
+        mproc.send(os.getpid(), (2, _SignalOnceWhilePickled()), timeout=5)
+        assert mproc.receive(timeout=5).data == (2, 7)
+        with pytest.raises(mproc.ReceiveTimeout):
+            mproc.receive(timeout=0)  # the interrupted send delivered nothing
+    finally:
+        signal.signal(signal.SIGUSR1, old)
