@@ -1,4 +1,4 @@
-"""Where mailboxes live and who may talk to them: runtime dir, key file, socket names.
+"""Where mailboxes live and who may talk to them: runtime dir, key file, socket and name files.
 
 Everything here is about *where* a mailbox lives and *who* may talk to it;
 :mod:`mproc._wire` says what is said, :mod:`mproc._sender` and
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "HANDSHAKE_TIMEOUT",
     "Runtime",
+    "names_dir",
     "peer_credentials",
     "proc_identity",
     "remove_stale",
@@ -58,6 +59,8 @@ DEFAULT_IDLE_LIMIT = 30.0
 _SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 _KEY_NAME = "key"
 _SOCK_SUFFIX = ".sock"
+# Registered names (mproc._names): a subdirectory, so socket scans never see them.
+_NAMES_DIR = "names"
 
 
 @dataclass(frozen=True)
@@ -84,40 +87,34 @@ def runtime_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"mproc-{os.getuid()}")
 
 
-def _check_dir(path: str) -> os.stat_result:
+def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.stat_result:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except FileExistsError:
         pass  # a file, or a symlink to nothing: lstat says which, below
     except OSError as err:
         raise MailboxError(
-            f"cannot create the mailbox runtime directory {path}: {err.strerror}; "
+            f"cannot create {what} {path}: {err.strerror}; "
             "set MPROC_RUNTIME_DIR to a directory you own",
             path=path,
         ) from err
     try:
         st = os.lstat(path)
     except OSError as err:
-        raise MailboxError(
-            f"cannot inspect the mailbox runtime directory {path}: {err.strerror}", path=path
-        ) from err
+        raise MailboxError(f"cannot inspect {what} {path}: {err.strerror}", path=path) from err
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeRuntimeDir(
-            f"refusing the mailbox runtime directory {path}: it is a symlink", path=path
-        )
+        raise UnsafeRuntimeDir(f"refusing {what} {path}: it is a symlink", path=path)
     if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeRuntimeDir(
-            f"refusing the mailbox runtime directory {path}: it is not a directory", path=path
-        )
+        raise UnsafeRuntimeDir(f"refusing {what} {path}: it is not a directory", path=path)
     if st.st_uid != os.getuid():
         raise UnsafeRuntimeDir(
-            f"refusing the mailbox runtime directory {path}: it is owned by uid "
+            f"refusing {what} {path}: it is owned by uid "
             f"{st.st_uid}, not by you (uid {os.getuid()})",
             path=path,
         )
     if st.st_mode & 0o022:
         raise UnsafeRuntimeDir(
-            f"refusing the mailbox runtime directory {path}: it is writable by others "
+            f"refusing {what} {path}: it is writable by others "
             f"(mode {stat.S_IMODE(st.st_mode):o}); run chmod 700 on it",
             path=path,
         )
@@ -205,6 +202,21 @@ def runtime() -> Runtime:
     if rt is None:
         rt = _runtime_cache[ident] = Runtime(directory, _load_key(directory))
     return rt
+
+
+def names_dir(runtime: Runtime) -> str:
+    """Return the checked directory of registered-name files, creating it (mode 700).
+
+    It is ``<runtime dir>/names``, checked as the runtime directory is.
+
+    Raises:
+        UnsafeRuntimeDir: it is a symlink, not a directory, owned by another
+            user, or writable by others.
+        MailboxError: it cannot be created.
+    """
+    path = os.path.join(runtime.directory, _NAMES_DIR)
+    _check_dir(path, "the registered-names directory")
+    return path
 
 
 def proc_identity(pid: int) -> Optional[str]:
