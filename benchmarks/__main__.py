@@ -18,7 +18,17 @@ import psutil
 
 import mproc
 
-from . import _containment, _groups, _memory, _messaging, _scale, _table, _transfer, _waiting
+from . import (
+    _containment,
+    _groups,
+    _memory,
+    _messaging,
+    _monitors,
+    _scale,
+    _table,
+    _transfer,
+    _waiting,
+)
 from ._common import RUNDIR_PREFIX, Config, Row, Target
 
 BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
@@ -31,6 +41,8 @@ BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "memory_backpressure": _memory.memory_backpressure,
     "scale": _scale.scale,
     "terminate_trees": _containment.terminate_trees,
+    "down_latency": _monitors.down_latency,
+    "monitor_threads": _monitors.monitor_threads,
 }
 
 

@@ -35,6 +35,10 @@ from ._mailbox import open_mailbox as open_mailbox
 from ._mailbox import receive as receive
 from ._mailbox import send as send
 from ._manager import ProcessManager as ProcessManager
+from ._monitor import Down as Down
+from ._monitor import Monitor as Monitor
+from ._monitor import demonitor as demonitor
+from ._monitor import monitor as monitor
 from ._process import AdoptedProcess as AdoptedProcess
 from ._process import Process as Process
 from ._process import ProcessHandle as ProcessHandle
@@ -90,6 +94,10 @@ __all__ = [
     "open_mailbox",
     "receive",
     "send",
+    "Down",
+    "Monitor",
+    "demonitor",
+    "monitor",
 ]
 
 

@@ -183,7 +183,7 @@ class Command(_Stoppable):
             self._popen = popen
             self._element = None if p is None else p.element
             _contained_start(popen.pid, p)
-            self._watch = _watch_child(popen.pid, self._reap)
+            self._watch = _watch_child(popen.pid, self._reap, self._returncode)
             on_start = self._on_start
         if on_start is not None:
             on_start(self)
@@ -197,6 +197,13 @@ class Command(_Stoppable):
         if self._element is not None:
             _tree.forget(popen.pid, self._element)
         return True
+
+    def _returncode(self) -> Optional[int]:
+        popen = self._popen
+        return None if popen is None else popen.returncode
+
+    def _monitor_watch(self) -> Optional[_wait.Watch]:
+        return self._watch
 
     def _pin(self) -> tuple[bool, Optional[int]]:
         """Return (alive, a new pidfd) for a tree kill; under the lock the reaper reaps under."""

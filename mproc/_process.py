@@ -27,6 +27,7 @@ import psutil
 from . import _check, _launch, _mailbox, _runtime, _tree, _wait
 from ._errors import MprocError, NoSuchProcess, describe_exitcode
 from ._identity import ENV_PPID
+from ._monitor import Monitor, monitor_handle
 
 __all__ = ["AdoptedProcess", "EnvLike", "Process", "ProcessHandle"]
 
@@ -69,6 +70,9 @@ class ProcessHandle(Protocol):
     def send(self, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
         """Send ``obj`` to this process's mailbox (see :func:`mproc.send`)."""
 
+    def monitor(self, group: str = "") -> Monitor:
+        """Monitor this very process: one :class:`mproc.Down` arrives in ``group`` when it exits."""
+
 
 def _exited() -> bool:
     return True
@@ -89,7 +93,9 @@ def _contained_start(pid: int, p: Optional[_launch.Plan]) -> None:
         _tree.remember(pid, p.element)
 
 
-def _watch_child(pid: int, poll: Callable[[], bool]) -> _wait.Watch:
+def _watch_child(
+    pid: int, poll: Callable[[], bool], exitcode: Callable[[], Optional[int]]
+) -> _wait.Watch:
     try:
         fd = _wait.pidfd_open(pid)
     except NoSuchProcess:
@@ -99,7 +105,8 @@ def _watch_child(pid: int, poll: Callable[[], bool]) -> _wait.Watch:
         # reap) the PID might even be reused already, so trust only poll().
         os.close(fd)
         fd = None
-    return _wait.watch(pid, poll, fd)
+    # exitcode: a monitor of this child reports the code as the handle saw it.
+    return _wait.watch(pid, poll, fd, exitcode=exitcode)
 
 
 def _exited_error(what: str, pid: int, code: Optional[int]) -> NoSuchProcess:
@@ -149,6 +156,31 @@ class _Stoppable:
         if pid is None:
             raise ValueError(f"{self!r} has not been started; call start() first")
         _mailbox.send(pid, obj, group, timeout=timeout)
+
+    def monitor(self, group: str = "") -> Monitor:
+        """Monitor this very process (not whatever later reuses its PID).
+
+        When it exits, one :class:`mproc.Down` arrives in this process's
+        mailbox, group ``group`` (see :func:`mproc.monitor`). For a process
+        this program started, the Down's ``exitcode`` is the handle's own
+        (negative: killed by that signal); a process that has exited
+        already gets its Down at once.
+
+        Args:
+            group: the mailbox group the Down goes to.
+
+        Returns:
+            The :class:`mproc.Monitor` (for :func:`mproc.demonitor`).
+
+        Raises:
+            TypeError: ``group`` is not a str.
+            ValueError: the process has not been started.
+        """
+        return monitor_handle(self, group)
+
+    def _monitor_watch(self) -> Optional[_wait.Watch]:
+        """Return the watch whose ``code`` is this child's exit code as the handle saw it."""
+        return None  # an adopted process: its exit status is not ours
 
     def terminate(self) -> None:
         """Send SIGTERM; a no-op if the process has exited."""
@@ -351,8 +383,15 @@ class Process(_Stoppable, multiprocessing.Process):
                 _tree.forget(popen_pid, element)
             return True
 
+        def exitcode() -> Optional[int]:
+            target = ref()
+            return None if target is None else target.returncode
+
         popen_pid = popen.pid
-        self._mproc_watch = _watch_child(popen_pid, reaped)
+        self._mproc_watch = _watch_child(popen_pid, reaped, exitcode)
+
+    def _monitor_watch(self) -> Optional[_wait.Watch]:
+        return self._mproc_watch
 
     def _expected_parent(self) -> int:
         """Return the PID that forks our child (us), or 0 for a forkserver child.

@@ -7,8 +7,16 @@ kernels older than 5.3, seccomp filters) or the process ran out of file
 descriptors, it polls those processes instead, backing off from 1 ms to
 20 ms. When a process is seen to exit, the reaper runs the handle's poll
 callback, which for a child of ours collects the exit status (so no zombie
-is left behind even if nobody waits), and then sets the watch's ``exited``
-event, which is all a waiter blocks on.
+is left behind even if nobody waits), then closes the pidfd and sets the
+watch's ``exited`` event, which is all a waiter blocks on. The pidfd stays
+open until then, so a callback may still ask it about the exit (see
+:func:`watch_pidfd`). :func:`unwatch` takes a watch back; only the reaper
+thread ever unregisters or closes a watched pidfd, so a descriptor number is
+never reused while the selector still knows it.
+
+Process-global state, reset in a forked child (``os.register_at_fork``):
+the reaper (``_reaper``), the watches whose pidfds a child must close
+(``_all_watches``) and the watches of our own children by PID (``_children``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ._errors import NoSuchProcess
 from ._log import logger
 from ._wakeup import Wakeup
 
-__all__ = ["Watch", "pidfd_open", "watch"]
+__all__ = ["Watch", "child_watch", "pidfd_open", "unwatch", "watch", "watch_pidfd"]
 
 # Fallback polling: most short-lived children exit within milliseconds, so
 # start fast, then back off so that a long-running process costs little CPU.
@@ -133,12 +141,26 @@ class Watch:
         pid: the process watched.
         exited: set once the process has exited and its poll callback has
             collected whatever there is to collect (e.g. the child's status).
+        code: for a watch made with an ``exitcode`` getter (a child of an
+            mproc handle), the exit code the handle saw; read it once
+            ``exited`` is set (``None``: not collected, or no getter).
     """
 
-    def __init__(self, pid: int, poll: Callable[[], bool], pidfd: Optional[int]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        poll: Callable[[], bool],
+        pidfd: Optional[int],
+        poll_fd: Optional[Callable[[Optional[int]], bool]] = None,
+        exitcode: Optional[Callable[[], Optional[int]]] = None,
+    ) -> None:
         self.pid = pid
         self.exited = threading.Event()
+        self.code: Optional[int] = None
         self._poll = poll
+        self._poll_fd = poll_fd
+        self._exitcode = exitcode
+        self._removed = False  # unwatch()ed: never polled or finished again
         self._pidfd = pidfd
         # Guards _pidfd: the reaper closes it while another thread may be
         # about to signal through it, and a closed number can be reused by
@@ -219,10 +241,38 @@ class Watch:
         if fd is not None:
             os.close(fd)
 
+    def _call_poll(self) -> bool:
+        poll_fd = self._poll_fd
+        if poll_fd is not None:
+            # Only the reaper thread closes the pidfd: it is open for this call.
+            return poll_fd(self._pidfd)
+        return self._poll()
+
     def _finish(self) -> None:
-        # Drop the callback: it holds the handle, which holds this watch.
+        self._close_pidfd()
+        getter, self._exitcode = self._exitcode, None
+        if getter is not None:
+            try:
+                self.code = getter()
+            except Exception:  # a closed handle: the code is lost, not the reaper
+                logger.debug(
+                    "PID %d: its handle's exit code is unreadable", self.pid, exc_info=True
+                )
+            if _children.get(self.pid) is self:
+                del _children[self.pid]
+        # Drop the callbacks: they hold the handle, which holds this watch.
         self._poll = _noop_poll
+        self._poll_fd = None
         self.exited.set()
+
+    def _drop(self) -> None:
+        """Taken back by unwatch(): release everything, never report an exit."""
+        self._close_pidfd()
+        self._poll = _noop_poll
+        self._poll_fd = None
+        self._exitcode = None
+        if _children.get(self.pid) is self:
+            del _children[self.pid]
 
 
 class _Reaper:
@@ -234,6 +284,7 @@ class _Reaper:
         # handle lock is held by this thread in the child (see _before_fork).
         self._callback_lock = threading.Lock()
         self._pending: list[Watch] = []
+        self._removing: list[Watch] = []
         self._selector: Optional[selectors.BaseSelector] = None
         self._wakeup: Optional[Wakeup] = None
         self._thread: Optional[threading.Thread] = None
@@ -243,6 +294,17 @@ class _Reaper:
             self._pending.append(w)
             if self._thread is None:
                 self._start()
+            wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
+
+    def remove(self, w: Watch) -> None:
+        w._removed = True  # from now on the reaper skips it
+        with self._lock:
+            if self._thread is None:  # never started: nothing registered anywhere
+                w._drop()
+                return
+            self._removing.append(w)
             wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
@@ -263,18 +325,23 @@ class _Reaper:
             try:
                 with self._lock:
                     new, self._pending = self._pending, []
+                    removing, self._removing = self._removing, []
                 if new:
                     delay = _POLL_MIN
                 for w in new:
                     self._register(selector, w, polled)
+                if removing:
+                    polled = self._remove(selector, removing, polled)
                 ready = selector.select(delay if polled else None)
                 for key, _ in ready:
                     if key.data is None:
                         wakeup.drain()
                         continue
                     w = key.data
+                    # The pidfd stays open (the callback may ask it about the
+                    # exit) until the watch finishes; out of epoll, as it stays
+                    # readable for good.
                     selector.unregister(key.fd)
-                    w._close_pidfd()
                     if not self._collect(w):
                         w._deadline = time.monotonic() + _COLLECT_GRACE
                         polled.append(w)
@@ -286,7 +353,24 @@ class _Reaper:
                 logger.exception("mproc reaper: unexpected error; continuing")
                 time.sleep(_POLL_MAX)  # should the error repeat, do not spin
 
+    def _remove(
+        self, selector: selectors.BaseSelector, removing: list[Watch], polled: list[Watch]
+    ) -> list[Watch]:
+        gone = set(map(id, removing))
+        for w in removing:
+            fd = w._pidfd
+            if fd is not None:
+                try:
+                    if selector.get_key(fd).data is w:
+                        selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass  # not registered: polled, or its exit already seen
+            w._drop()
+        return [w for w in polled if id(w) not in gone]
+
     def _register(self, selector: selectors.BaseSelector, w: Watch, polled: list[Watch]) -> None:
+        if w._removed:
+            return  # unwatch()ed before the reaper saw it: _remove() closes it
         fd = w._pidfd
         if fd is not None:
             try:
@@ -307,9 +391,11 @@ class _Reaper:
         return False
 
     def _collect(self, w: Watch) -> bool:
+        if w._removed:
+            return True  # unwatch()ed: _remove() releases it
         with self._callback_lock:
             try:
-                done = w._poll()
+                done = w._call_poll()
             except Exception:
                 # A broken callback must not wedge its waiters forever.
                 logger.exception("mproc reaper: checking PID %d failed", w.pid)
@@ -341,9 +427,17 @@ raise_nofile_limit()
 _reaper = _Reaper()
 # Every watch not yet garbage: a forked child must close their pidfds.
 _all_watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+# The unfinished watches of mproc handles' children, by PID (see child_watch).
+_children: dict[int, Watch] = {}
 
 
-def watch(pid: int, poll: Callable[[], bool], pidfd: Optional[int]) -> Watch:
+def watch(
+    pid: int,
+    poll: Callable[[], bool],
+    pidfd: Optional[int],
+    *,
+    exitcode: Optional[Callable[[], Optional[int]]] = None,
+) -> Watch:
     """Hand a process to the reaper.
 
     Args:
@@ -355,15 +449,54 @@ def watch(pid: int, poll: Callable[[], bool], pidfd: Optional[int]) -> Watch:
             there is no pidfd.
         pidfd: an open pidfd for ``pid`` (the watch takes ownership and
             closes it once the exit is seen), or ``None`` to poll.
+        exitcode: for a child of an mproc handle: returns the exit code the
+            handle collected; read once when the watch finishes (into
+            :attr:`Watch.code`), and the watch is listed by :func:`child_watch`
+            until then.
 
     Returns:
         The :class:`Watch`, whose ``exited`` event is set after ``poll``
         returned ``True``.
     """
-    w = Watch(pid, poll, pidfd)
+    w = Watch(pid, poll, pidfd, exitcode=exitcode)
+    if exitcode is not None:
+        _children[pid] = w
     _all_watches.add(w)
     _reaper.add(w)
     return w
+
+
+def watch_pidfd(pid: int, poll: Callable[[Optional[int]], bool], pidfd: Optional[int]) -> Watch:
+    """Hand a process to the reaper, whose poll callback gets the pidfd.
+
+    As :func:`watch`, but ``poll(fd)`` receives the watch's pidfd, open for
+    the duration of the call (the reaper closes it only after ``poll``
+    returned ``True``), or ``None`` when the process is polled for without
+    one: the callback can read the exit status through it (``waitid``
+    with ``P_PIDFD``, ``PIDFD_GET_INFO``), immune to PID reuse.
+    """
+    w = Watch(pid, _noop_poll, pidfd, poll_fd=poll)
+    _all_watches.add(w)
+    _reaper.add(w)
+    return w
+
+
+def unwatch(w: Watch) -> None:
+    """Stop watching: its poll callback is not called again, ``exited`` is never set.
+
+    Any thread may call it (also a poll callback). The reaper thread closes
+    the pidfd soon after; the call does not wait for that.
+    """
+    _reaper.remove(w)
+
+
+def child_watch(pid: int) -> Optional[Watch]:
+    """Return the unfinished watch an mproc handle holds on its child ``pid``, if any.
+
+    It names the handle's process only while that child has not been
+    reaped: the caller must know that ``pid`` is an unreaped child of ours.
+    """
+    return _children.get(pid)
 
 
 def _before_fork() -> None:
@@ -383,6 +516,7 @@ def _after_fork_child() -> None:
     global _reaper
     _reaper.close_inherited()
     _reaper = _Reaper()
+    _children.clear()
 
 
 if hasattr(os, "register_at_fork"):
