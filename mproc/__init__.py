@@ -6,6 +6,8 @@ and a PID-addressed mailbox (``send(pid, obj)`` / ``receive()``).
 """
 
 from ._command import Command as Command
+from ._errors import CalleeDied as CalleeDied
+from ._errors import CallTimeout as CallTimeout
 from ._errors import HandshakeError as HandshakeError
 from ._errors import MailboxClosed as MailboxClosed
 from ._errors import MailboxError as MailboxError
@@ -15,10 +17,15 @@ from ._errors import MailboxNotFound as MailboxNotFound
 from ._errors import MailboxTimeout as MailboxTimeout
 from ._errors import MessageError as MessageError
 from ._errors import MprocError as MprocError
+from ._errors import NameNotFound as NameNotFound
+from ._errors import NameTaken as NameTaken
 from ._errors import NoSuchProcess as NoSuchProcess
 from ._errors import ReceiveTimeout as ReceiveTimeout
+from ._errors import RemoteError as RemoteError
 from ._errors import ShellError as ShellError
 from ._errors import ShellTimeout as ShellTimeout
+from ._errors import StopServing as StopServing
+from ._errors import SupervisorGaveUp as SupervisorGaveUp
 from ._errors import UnsafeRuntimeDir as UnsafeRuntimeDir
 from ._identity import is_child as is_child
 from ._identity import pid as pid
@@ -30,15 +37,21 @@ from ._identity import set_ppid as set_ppid
 from ._identity import start_time as start_time
 from ._identity import uptime as uptime
 from ._mailbox import Msg as Msg
+from ._mailbox import call as call
 from ._mailbox import close_mailbox as close_mailbox
 from ._mailbox import open_mailbox as open_mailbox
 from ._mailbox import receive as receive
 from ._mailbox import send as send
+from ._mailbox import serve as serve
 from ._manager import ProcessManager as ProcessManager
 from ._monitor import Down as Down
 from ._monitor import Monitor as Monitor
 from ._monitor import demonitor as demonitor
 from ._monitor import monitor as monitor
+from ._names import register as register
+from ._names import registered as registered
+from ._names import unregister as unregister
+from ._names import whereis as whereis
 from ._process import AdoptedProcess as AdoptedProcess
 from ._process import Process as Process
 from ._process import ProcessHandle as ProcessHandle
@@ -53,6 +66,13 @@ from ._tree import kill_tree as kill_tree
 __version__ = "0.1.0"
 
 __all__ = [
+    "CallTimeout",
+    "CalleeDied",
+    "NameNotFound",
+    "NameTaken",
+    "RemoteError",
+    "StopServing",
+    "SupervisorGaveUp",
     "HandshakeError",
     "MailboxClosed",
     "MailboxGone",
@@ -90,10 +110,16 @@ __all__ = [
     "add_sig_handler_shutdown",
     "listen",
     "Msg",
+    "call",
+    "serve",
     "close_mailbox",
     "open_mailbox",
     "receive",
     "send",
+    "register",
+    "registered",
+    "unregister",
+    "whereis",
     "Down",
     "Monitor",
     "demonitor",

@@ -12,7 +12,14 @@ import subprocess
 from typing import Any, Optional, Sequence, Union
 
 __all__ = [
+    "CallTimeout",
+    "CalleeDied",
     "HandshakeError",
+    "NameNotFound",
+    "NameTaken",
+    "RemoteError",
+    "StopServing",
+    "SupervisorGaveUp",
     "MailboxClosed",
     "MailboxError",
     "MailboxGone",
@@ -228,6 +235,84 @@ class UnsafeRuntimeDir(MailboxError):
 
 class MailboxTimeout(MailboxError, TimeoutError):
     """The receiver did not answer (e.g. the handshake) within the timeout."""
+
+
+class CallTimeout(ReceiveTimeout):
+    """``call()`` got no reply within its timeout (a late reply is dropped)."""
+
+
+class CalleeDied(MailboxGone):
+    """The callee of a ``call()`` exited before it replied."""
+
+
+class RemoteError(MprocError):
+    """A callee's exception that cannot be rebuilt here (its class does not unpickle).
+
+    Attributes:
+        type_name: the qualified name of the remote exception's class.
+        traceback: the remote traceback, as text (also the ``__cause__``).
+    """
+
+    def __init__(
+        self, msg: str = "", *, type_name: str = "", traceback: str = "", **kw: Any
+    ) -> None:
+        MprocError.__init__(self, msg, **kw)
+        self.type_name = type_name
+        self.traceback = traceback
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            **MprocError._fields(self),
+            "type_name": self.type_name,
+            "traceback": self.traceback,
+        }
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception re-raised by ``call()``: the callee's traceback text."""
+
+    def __init__(self, tb: str) -> None:
+        Exception.__init__(self, tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class NameTaken(MprocError, ValueError):
+    """The name is registered by another live process."""
+
+
+class NameNotFound(MailboxNotFound):
+    """No live process holds the name (within the timeout)."""
+
+
+class StopServing(MprocError):
+    """Raised by a ``serve()`` handler to make ``serve()`` return."""
+
+
+class SupervisorGaveUp(MprocError):
+    """A supervisor restarted a child too often and stopped everything.
+
+    Attributes:
+        name: the child that exceeded the restart intensity.
+        exitcode: that child's last exit code (negative: a signal).
+    """
+
+    def __init__(
+        self,
+        msg: str = "",
+        *,
+        name: Optional[str] = None,
+        exitcode: Optional[int] = None,
+        **kw: Any,
+    ) -> None:
+        MprocError.__init__(self, msg, **kw)
+        self.name = name
+        self.exitcode = exitcode
+
+    def _fields(self) -> dict[str, Any]:
+        return {**MprocError._fields(self), "name": self.name, "exitcode": self.exitcode}
 
 
 def _public_module() -> None:

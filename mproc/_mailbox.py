@@ -16,19 +16,23 @@ import atexit
 import os
 import pickle
 import threading
+import time
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import cloudpickle
 
-from . import _check, _sender
+from . import _check, _names, _sender
 from . import _runtime as rt
-from ._errors import MailboxError, MessageError, MprocError
+from ._calls import call, serve
+from ._errors import MailboxError, MessageError, MprocError, NameNotFound, NoSuchProcess
 from ._log import logger as log
 from ._receiver import Msg, Receiver
 
 __all__ = [
     "Msg",
+    "call",
+    "serve",
     "close_mailbox",
     "open_for_children",
     "open_mailbox",
@@ -110,14 +114,18 @@ _state = _State()
 # ---------------------------------------------------------------- sending
 
 
-def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None) -> None:
-    """Send ``obj`` to the mailbox of process ``pid``.
+def send(
+    pid: Union[int, str], obj: Any, group: str = "", *, timeout: Optional[float] = None
+) -> None:
+    """Send ``obj`` to the mailbox of process ``pid`` (or of the holder of a registered name).
 
     When this returns, the receiving process holds the message. Messages from one
     thread to one receiver and group arrive in the order sent.
 
     Args:
-        pid: the receiving process (this process's own PID opens its own mailbox).
+        pid: the receiving process (this process's own PID opens its own
+            mailbox), or a name registered with :func:`mproc.register`: a
+            name nobody holds is waited for like a mailbox not yet open.
         obj: any object cloudpickle can pickle (lambdas and ``__main__`` classes too).
         group: the receiver's queue to put it in; only ``receive(group)`` sees it.
         timeout: seconds for the whole call — waiting for the mailbox to open,
@@ -126,6 +134,7 @@ def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None
     Raises:
         NoSuchProcess: ``pid`` does not exist (raised at once).
         MailboxNotFound: ``pid`` opened no mailbox within the timeout.
+        NameNotFound: nobody held the name within the timeout.
         MailboxFull: the receiver's queue for ``group`` stayed full past the timeout.
         MailboxTimeout: the receiver did not read, or answer the handshake, in time.
         MailboxGone: the receiver went away while sending.
@@ -133,23 +142,86 @@ def send(pid: int, obj: Any, group: str = "", *, timeout: Optional[float] = None
         MessageError: ``obj`` cannot be pickled or is over the frame size limit;
             nothing was sent.
     """
+    name = None
+    if isinstance(pid, str):
+        found = _names.fast_lookup(pid, _sender.trusts)
+        if found is None:
+            _send_named(pid, obj, group, timeout)
+            return
+        name, pid = pid, found[0]
     pid = _check.pid(pid, "send")
     raw = _check.group(group, "send")
     wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
-    try:
-        payload = _dumps(obj)
-    except MessageError as err:
-        raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
-            err.__cause__
-        )
+    payload = _dumps_for(obj, pid, group)
     if pid == _state.pid:
         _ensure_open()  # nobody else would open it (also in a freshly forked child)
     try:
         _sender.deliver(pid, raw, payload, wait)
+    except NoSuchProcess:
+        if name is None:
+            raise
+        _send_named(name, obj, group, timeout)  # its holder exited: wait for the next
     except MailboxError as err:
         if err.group is None:
             err.group = group
         raise
+
+
+def _dumps_for(obj: Any, pid: int, group: str) -> bytes:
+    try:
+        return _dumps(obj)
+    except MessageError as err:
+        raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
+            err.__cause__
+        )
+
+
+def _send_named(name: str, obj: Any, group: str, timeout: Optional[float]) -> None:
+    raw = _check.group(group, "send")
+    wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
+    deadline = time.monotonic() + wait
+    try:
+        payload = _dumps(obj)
+    except MessageError as err:
+        raise MessageError(f"{err} (to {name!r}, group {group!r})", group=group) from (
+            err.__cause__
+        )
+    while True:
+        pid, identity = _resolve(name, "send", deadline)
+        if pid == _state.pid:
+            _ensure_open()
+        try:
+            _sender.deliver(
+                pid, raw, payload, max(deadline - time.monotonic(), 0.001), identity=identity
+            )
+            return
+        except NoSuchProcess:
+            # The holder exited: wait for the next one (a restart), up to the deadline.
+            if time.monotonic() >= deadline:
+                raise NameNotFound(
+                    f"the holder of the name {name!r} (PID {pid}) exited and nobody took "
+                    f"the name within {wait:g} s",
+                    pid=pid,
+                    group=group,
+                ) from None
+        except MailboxError as err:
+            if err.group is None:
+                err.group = group
+            raise
+
+
+def _resolve(
+    target: Union[int, str], function: str, deadline: Optional[float]
+) -> tuple[int, Optional[str]]:
+    """The PID (and, for a name, the holder's identity) a send() or call() goes to."""
+    if not isinstance(target, str):
+        return _check.pid(target, function), None
+    name = str(target)
+    found = _names.lookup(name, _sender.trusts, func=function)
+    if found is not None:
+        return found
+    until = time.monotonic() + rt.DEFAULT_TIMEOUT if deadline is None else deadline
+    return _names.resolve(name, until, func=function)
 
 
 def send_many(
@@ -271,6 +343,9 @@ def close_mailbox() -> None:
     other threads raise :class:`MailboxClosed`. A later ``receive()`` opens a
     new mailbox.
     """
+    if _state.receiver is not None:
+        _names.release_all()  # a name must not lead to a closed mailbox
+    _names.forget_cache()
     with _state.lock:
         receiver, _state.receiver = _state.receiver, None
     _sender.retire_all()

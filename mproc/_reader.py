@@ -29,18 +29,24 @@ from typing import Any, Optional
 
 from . import _wire as wire
 
-__all__ = ["BIG_FRAME", "Big", "Entry", "Input", "Peer"]
+__all__ = ["BIG_FRAME", "KIND_LOCAL", "Big", "Entry", "Input", "Peer"]
 
 # One read() takes at most this much: under glibc's mmap threshold (128 KiB),
 # so the buffer comes from the heap (an mmap + munmap per read costs ~5 µs).
 _CHUNK = 1 << 16
 #: A frame larger than this is read into an anonymous mapping of its own.
 BIG_FRAME = 1 << 20
-_MSG_KINDS = frozenset({wire.KIND_MSG})
+_MSG_KINDS = wire.TO_RECEIVER
+_REPLY = wire.KIND_REPLY
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
 
-#: A parsed message: (sender pid, payload, peer, raw group, seq).
-Entry = tuple[int, Any, "Peer", bytes, int]
+#: A parsed message: (sender pid, payload, peer, raw group, seq, kind). A
+#: REPLY's raw group is ``None`` (it goes to its call, never to a group); a
+#: message made in this process (a monitor's Down) has no peer and kind
+#: :data:`KIND_LOCAL`.
+Entry = tuple[int, Any, Optional["Peer"], Optional[bytes], int, int]
+#: The kind of an :data:`Entry` made in this process, not read from a peer.
+KIND_LOCAL = 0
 
 
 class Big:
@@ -175,11 +181,11 @@ class Peer:
                 start = _SMALL.size + glen
                 if (
                     size + 4 == len(data)
-                    and kind == wire.KIND_MSG
+                    and kind in _MSG_KINDS
                     and wire.HEAD.size + glen <= size <= max_frame
                 ):
-                    group = data[_SMALL.size : start]
-                    entry = (self.pid, memoryview(data)[start:], self, group, seq)
+                    group = data[_SMALL.size : start] if kind != _REPLY else None
+                    entry = (self.pid, memoryview(data)[start:], self, group, seq, kind)
                     self.inp = Input(deque(), deque((entry,)), 0)  # one store commits it
                     return ""
         if inp.need and sum(map(len, chunks)) < inp.need:
@@ -189,7 +195,10 @@ class Peer:
         if not frames and not bad and len(chunks) == 1 and need == inp.need:
             return ""
         pid = self.pid
-        entries = [(pid, payload, self, group, seq) for _k, group, seq, payload in frames]
+        entries = [
+            (pid, payload, self, group if kind != _REPLY else None, seq, kind)
+            for kind, group, seq, payload in frames
+        ]
         rest = bytes(data[used:]) if used < len(data) and not bad else b""
         pending = inp.pending
         if entries:
@@ -215,8 +224,8 @@ class Peer:
         frames, used, _need, bad = wire.parse(memoryview(big.mm)[: big.need], max_frame, _MSG_KINDS)
         if bad or len(frames) != 1 or used != big.need:  # pragma: no cover - checked before
             return f"sent {bad or 'a large frame that does not parse'}"
-        _kind, group, seq, payload = frames[0]
+        kind, group, seq, payload = frames[0]
         pending = deque(inp.pending)
-        pending.append((self.pid, payload, self, group, seq))
+        pending.append((self.pid, payload, self, group if kind != _REPLY else None, seq, kind))
         self.inp = Input(deque(), pending, 0)  # one store commits it
         return ""

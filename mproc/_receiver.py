@@ -52,10 +52,11 @@ from typing import Any, Optional
 from . import _runtime as rt
 from . import _wire as wire
 from ._admission import Admission
+from ._calls import CallRef, refuse
 from ._errors import MailboxClosed, MailboxError, MessageError, ReceiveTimeout
 from ._log import logger as log
 from ._queues import NOTHING, Group, Msg
-from ._reader import Entry, Peer
+from ._reader import KIND_LOCAL, Entry, Peer
 from ._wakeup import Wakeup
 
 __all__ = ["Msg", "Reading", "Receiver"]
@@ -66,6 +67,8 @@ _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step 
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
 _PRUNE_EVERY = 1.0  # ...at most this often
 _KEEP_CREDIT = 256  # sending processes whose credit is kept before the dead are forgotten
+_CALL = wire.KIND_CALL
+_CALL_HEAD = wire.CALL_HEAD
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
 
@@ -142,6 +145,9 @@ class Receiver:
         self.epoch = int.from_bytes(os.urandom(8), "big")  # told in HELLO: this mailbox
         self.hello = wire.hello(max_frame, self.window, self.epoch)
         self.partial: dict[Peer, None] = {}  # peers in the middle of a frame
+        # call id -> the reply queue of a call() waiting in this process.
+        self.calls: dict[int, Group] = {}
+        self.dropped: deque[Entry] = deque(maxlen=0)  # where late replies go
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
         self.round = 1
@@ -354,6 +360,9 @@ class Receiver:
         take = pending.popleft
         while pending:
             raw = pending[0][3]
+            if raw is None:
+                self._route_reply(pending[0])
+                continue
             k = 1
             n = len(pending)
             while k < n and pending[k][3] == raw:
@@ -382,6 +391,27 @@ class Receiver:
                 self._grant(peer, raw)
             elif peer.granted.get(raw, 0) > peer.sent.get(raw, self.window):
                 self._grant(peer, raw)  # recorded and not sent: an interrupt came between
+
+    def _route_reply(self, entry: Entry) -> None:
+        """Move a REPLY (first of its peer's pending) to its waiting call, or drop it.
+
+        A reply whose call gave up, or that names another mailbox (a caller
+        that exited, its PID reused), is dropped: it shows up nowhere.
+        """
+        pending = entry[2].inp.pending if entry[2] is not None else None
+        if pending is None:  # pragma: no cover - replies always come from a peer
+            return
+        payload = entry[1]
+        g = None
+        if len(payload) >= wire.REPLY_HEAD.size:
+            epoch, _status = wire.REPLY_HEAD.unpack_from(payload)
+            if epoch == self.epoch:
+                g = self.calls.get(entry[4])
+        target = g.queue if g is not None else self.dropped
+        # One C call moves it, as for a group (see _route).
+        target.extend(itertools.islice(iter(pending.popleft, NOTHING), 1))
+        if g is not None and g.waiters:
+            self._wake(g)
 
     def _new_group(self, raw: bytes, peer: Peer) -> Optional[Group]:
         name = peer.names.get(raw)
@@ -637,23 +667,33 @@ class Receiver:
                     pass
             if not slot:
                 g = self._take(g, slot, timeout)
-            sender, payload, _peer, _raw, _seq = slot[0]
+            sender, payload, _peer, _raw, _seq, kind = slot[0]
             if g.starved and len(g.queue) < self.max_queue:
                 self.starving.append(g)  # the reader grants them credit again
                 self.wakeup.wake()
+            ref = None
+            if kind == _CALL:
+                call_id, epoch = _CALL_HEAD.unpack_from(payload)
+                ref = CallRef(sender, call_id, epoch)
+                payload = payload[_CALL_HEAD.size :]
             try:
                 data = pickle.loads(payload)
             except Exception as err:
                 if not _unpicklable(payload, err):
                     raise  # a signal handler's: the message goes back (below)
                 consumed = True  # SPEC: that message is consumed; the next works
-                raise MessageError(
+                problem = MessageError(
                     f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
                     pid=sender,
                     group=group,
-                ) from err
+                )
+                if ref is not None:
+                    refuse(ref, problem)  # the caller gets it rather than waiting
+                raise problem from err
             msg = _new_msg(Msg)
             msg.__dict__.update(sender_pid=sender, receiver_pid=self.pid, group=group, data=data)
+            if ref is not None:
+                msg.__dict__["_reply_to"] = ref
             # Nothing that can run a signal handler comes after this point:
             # no finally clause, no call (either could replace the return).
             return msg
@@ -674,7 +714,7 @@ class Receiver:
         led = False  # this call has read the sockets itself
         handover: Optional[float] = None  # until when it waits for the background to yield
         while True:
-            if self.groups.get(g.name) is not g:
+            if not g.private and self.groups.get(g.name) is not g:
                 g = self._group(g.name)  # pruned (cannot be while touched: a safety net)
             g.touched = self.round
             if g.orphans:
@@ -785,7 +825,12 @@ class Receiver:
         try:
             # Checked after registering: a message or a step-down before it
             # would otherwise wake nobody.
-            if g.queue or g.orphans or self.closed or self.groups.get(g.name) is not g:
+            if (
+                g.queue
+                or g.orphans
+                or self.closed
+                or (not g.private and self.groups.get(g.name) is not g)
+            ):
                 return
             if self.reading is _NOBODY:
                 # Nobody reads, or a reader is just taking or leaving the lock:
@@ -799,6 +844,95 @@ class Receiver:
     def _recover(self, g: Group) -> None:
         with self.lock:
             g.recover()
+
+    # ---------------------------------------------------------------- calls
+
+    def new_call(self, call_id: int) -> Group:
+        """Make the reply queue of a call() about to be sent (its id unique in this process)."""
+        g = Group(f"<reply to call {call_id}>", b"", private=True)
+        self.calls[call_id] = g
+        return g
+
+    def end_call(self, call_id: int) -> None:
+        """Forget a call: a reply that comes after this is dropped."""
+        self.calls.pop(call_id, None)
+
+    def take_entry(self, g: Group, timeout: Optional[float]) -> Entry:
+        """Take the next entry of a private queue (a call's), reading or waiting for it.
+
+        Raises:
+            ReceiveTimeout, MailboxClosed: as :meth:`get`.
+        """
+        slot: list[Entry] = []
+        try:
+            if g.queue and not g.orphans:
+                try:
+                    slot.extend(itertools.islice(g.taker, 1))
+                except IndexError:
+                    pass
+            if not slot:
+                self._take(g, slot, timeout)
+            return slot[0]
+        except BaseException:
+            if slot:
+                g.orphans.append(slot)  # the next take_entry() puts it back first
+            raise
+
+    def callee_died(self, g: Group, pid: int) -> None:
+        """Tell a waiting call that its callee exited (a marker in its reply queue)."""
+        g.queue.append((pid, None, None, None, -1, KIND_LOCAL))
+        self._wake(g)
+        self.wakeup.wake()
+
+    def connections_from(self, pid: int) -> list[Peer]:
+        """This process's connections from ``pid`` that have not ended yet."""
+        found = [p for p in list(self.new_peers) if p.pid == pid]
+        peer = self.by_pid.get(pid)
+        while peer is not None:
+            found.append(peer)
+            peer = peer.successor
+        return [p for p in found if not p.dead]
+
+    # ---------------------------------------------------------------- local messages
+
+    def inject(self, group: str, sender: int, payload: bytes) -> Entry:
+        """Queue a message made in this process (a monitor's ``Down``) for ``receive(group)``.
+
+        Any thread may call it. It takes no credit (nobody is slowed down by
+        it) and wakes whoever waits for the group.
+
+        Returns:
+            The queued entry, for :meth:`withdraw`.
+
+        Raises:
+            MailboxClosed: the mailbox is closed.
+        """
+        raw = group.encode("utf-8", "surrogatepass")
+        entry: Entry = (sender, payload, None, raw, -1, KIND_LOCAL)
+        with self.lock:  # _prune() forgets empty groups under it
+            if self.closed:
+                raise MailboxClosed(
+                    f"the mailbox of PID {self.pid} is closed", pid=self.pid, group=group
+                )
+            g = self.groups.get(group)
+            if g is None:
+                g = self.groups[group] = Group(group, raw)
+            self.by_raw.setdefault(g.raw, g)
+            g.queue.append(entry)
+        self._wake(g)
+        self.wakeup.wake()  # a receive() leading in epoll looks at its group again
+        return entry
+
+    def withdraw(self, group: str, entry: Entry) -> bool:
+        """Remove a message :meth:`inject` queued, unless a receive() took it already."""
+        g = self.groups.get(group)
+        if g is None:
+            return False
+        try:
+            g.queue.remove(entry)  # one C call
+        except ValueError:
+            return False
+        return True
 
     def depths(self) -> dict[str, int]:
         """Messages queued per group (orphans of interrupted calls included)."""

@@ -42,7 +42,16 @@ from ._errors import (
     NoSuchProcess,
 )
 
-__all__ = ["MAX_LINKS", "Link", "deliver", "forget_after_fork", "retire_all"]
+__all__ = [
+    "MAX_LINKS",
+    "Link",
+    "deliver",
+    "deliver_reply",
+    "forget_after_fork",
+    "identity_of",
+    "retire_all",
+    "trusts",
+]
 
 #: Connections kept open per process; idle ones beyond this are closed, oldest first.
 MAX_LINKS = 128
@@ -53,6 +62,7 @@ _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
 # A HELLO can come twice (written again after an interrupt): skipped.
 _CREDIT_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO})
+_REPLY = wire.KIND_REPLY
 
 
 class _Retry(Exception):
@@ -66,6 +76,7 @@ class Link:
         "dead",
         "dirty",
         "fd",
+        "identity",
         "inbuf",
         "limits",
         "lock",
@@ -83,6 +94,9 @@ class Link:
         self.fd = sock.fileno()
         self.pid = pid
         self.path = path
+        # The receiver's start-time identity, from its socket's name.
+        named = rt.parse_socket_name(os.path.basename(path))
+        self.identity = named[1] if named is not None else ""
         self.max_frame = max_frame  # the receiver's limit, told in its HELLO
         self.window = window  # the credit every group starts with
         # Held while the socket is written or read. An RLock, whose release()
@@ -121,27 +135,42 @@ class _Links:
 _links = _Links()
 
 
-def deliver(pid: int, group: bytes, payload: bytes, timeout: float) -> None:
+def deliver(
+    pid: int,
+    group: bytes,
+    payload: bytes,
+    timeout: float,
+    kind: int = wire.KIND_MSG,
+    identity: Optional[str] = None,
+) -> None:
     """Send one pickled message to ``pid`` and return when the receiver holds it.
 
     Args:
         pid: the receiving process.
         group: the raw group name.
-        payload: the pickled object.
+        payload: the pickled object (for a CALL, preceded by its call head).
         timeout: seconds for the whole call: finding the mailbox, the
             handshake, waiting for credit, writing.
+        kind: ``KIND_MSG`` or ``KIND_CALL``.
+        identity: deliver only to the process with this start-time identity
+            (a registered name's holder): another process in the PID now is
+            :class:`NoSuchProcess`.
 
     Raises:
         NoSuchProcess, MailboxNotFound, MailboxFull, MailboxTimeout, MailboxGone,
         HandshakeError, MessageError: see :func:`mproc.send`.
     """
     link = _links.by_pid.get(pid)
-    if link is not None and _fast_send(link, group, payload):
+    if (
+        link is not None
+        and (identity is None or link.identity == identity)
+        and _fast_send(link, group, payload, kind)
+    ):
         return
     deadline = time.monotonic() + timeout
     retried = False
     while True:
-        link, fresh = _get(pid, deadline)
+        link, fresh = _get(pid, deadline, identity)
         size = wire.HEAD.size + len(group) + len(payload)
         if size > link.max_frame:
             raise MessageError(
@@ -151,7 +180,7 @@ def deliver(pid: int, group: bytes, payload: bytes, timeout: float) -> None:
                 group=_show(group),
             )
         try:
-            _send_on(link, group, payload, deadline, timeout)
+            _send_on(link, group, payload, deadline, timeout, kind)
             return
         except _Retry:
             # A cached connection that had died (the receiver closed and
@@ -167,7 +196,43 @@ def deliver(pid: int, group: bytes, payload: bytes, timeout: float) -> None:
             retried = True
 
 
-def _fast_send(link: Link, group: bytes, payload: bytes) -> bool:
+def deliver_reply(pid: int, call_id: int, body: bytes, timeout: float) -> None:
+    """Send a REPLY frame (no credit: see :mod:`mproc._wire`) to the caller ``pid``.
+
+    Raises:
+        NoSuchProcess, MailboxNotFound, MailboxGone: the caller is gone.
+        MailboxTimeout, HandshakeError, MessageError: as :func:`deliver`.
+    """
+    link = _links.by_pid.get(pid)
+    if link is not None and _fast_send(link, b"", body, wire.KIND_REPLY, call_id):
+        return
+    deadline = time.monotonic() + timeout
+    retried = False
+    while True:
+        link, fresh = _get(pid, deadline)
+        if wire.HEAD.size + len(body) > link.max_frame:
+            raise MessageError(
+                f"the reply to PID {pid} is {len(body)} bytes, over the caller's "
+                f"{link.max_frame}-byte frame limit; nothing was sent",
+                pid=pid,
+            )
+        try:
+            _send_on(link, b"", body, deadline, timeout, wire.KIND_REPLY, call_id)
+            return
+        except _Retry:
+            if fresh or retried:
+                raise MailboxGone(
+                    f"the mailbox of PID {pid} went away while replying; the reply was "
+                    "not delivered",
+                    pid=pid,
+                    path=link.path,
+                ) from None
+            retried = True
+
+
+def _fast_send(
+    link: Link, group: bytes, payload: bytes, kind: int = wire.KIND_MSG, number: int = -1
+) -> bool:
     """Send a small frame on a clean link with credit to spare, or return False.
 
     The common case, with the fewest steps; everything else (no credit, a
@@ -180,13 +245,16 @@ def _fast_send(link: Link, group: bytes, payload: bytes) -> bool:
             return False
         if link.dead or link.dirty:
             return False
-        seq = link.seqs.get(group, 0)
-        if seq >= link.limits.get(group, link.window):
-            return False  # out of credit: the general way reads what came, or waits
+        if kind == _REPLY:
+            seq = number  # a REPLY carries its call id and takes no credit
+        else:
+            seq = link.seqs.get(group, 0)
+            if seq >= link.limits.get(group, link.window):
+                return False  # out of credit: the general way reads what came, or waits
         size = _HEAD_SIZE + len(group) + len(payload)
         if size >= _SMALL_FRAME or size > link.max_frame:
             return False
-        data = _SMALL_HEAD.pack(size, wire.KIND_MSG, len(group), seq) + group + payload
+        data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload
         link.dirty = True
         try:
             written = os.write(link.fd, data)
@@ -194,7 +262,8 @@ def _fast_send(link: Link, group: bytes, payload: bytes) -> bool:
             return False  # dirty: the general way retires it and tries a new one
         if written != len(data):
             return False  # dirty, likewise: the frame is cut
-        link.seqs[group] = seq + 1
+        if kind != _REPLY:
+            link.seqs[group] = seq + 1
         link.dirty = False
         link.close_if_retired()
         return True
@@ -209,7 +278,15 @@ def _show(group: bytes) -> str:
     return group.decode("utf-8", "surrogatepass")
 
 
-def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout: float) -> None:
+def _send_on(
+    link: Link,
+    group: bytes,
+    payload: bytes,
+    deadline: float,
+    timeout: float,
+    kind: int = wire.KIND_MSG,
+    number: int = -1,
+) -> None:
     if link.lock._is_owned():  # type: ignore[attr-defined]
         if _suspended_here(link):
             raise RuntimeError(
@@ -236,6 +313,9 @@ def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout:
             if link.dead or link.dirty:
                 _retire(link)
                 raise _Retry
+            if kind == _REPLY:
+                _write_msg(link, group, number, payload, deadline, timeout, kind)
+                return
             seq = link.seqs.get(group, 0)
             limit = link.limits.get(group, link.window)
             # Credit comes every half window: look for it now and then, and
@@ -244,7 +324,7 @@ def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout:
                 _read_credits(link)
                 limit = link.limits.get(group, link.window)
             if seq < limit:
-                _write_msg(link, group, seq, payload, deadline, timeout)
+                _write_msg(link, group, seq, payload, deadline, timeout, kind)
                 return
         finally:
             # The first call of the clause; raises if this thread does not hold it.
@@ -270,9 +350,15 @@ def _send_on(link: Link, group: bytes, payload: bytes, deadline: float, timeout:
 
 
 def _write_msg(
-    link: Link, group: bytes, seq: int, payload: bytes, deadline: float, timeout: float
+    link: Link,
+    group: bytes,
+    seq: int,
+    payload: bytes,
+    deadline: float,
+    timeout: float,
+    kind: int = wire.KIND_MSG,
 ) -> None:
-    """Write one MSG frame (lock held); on any failure the link is left dirty."""
+    """Write one MSG (CALL, REPLY) frame (lock held); on any failure the link is left dirty."""
     wait = max(deadline - time.monotonic(), 0.001)
     if abs(link.sndtimeo - wait) > 0.05:
         _set_sndtimeo(link.sock, wait)
@@ -281,12 +367,12 @@ def _write_msg(
     try:
         size = wire.HEAD.size + len(group) + len(payload)
         if size < _SMALL_FRAME:
-            data = _SMALL_HEAD.pack(size, wire.KIND_MSG, len(group), seq) + group + payload
+            data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload
             written = os.write(link.fd, data)
             if written != len(data):  # the receiver's buffer was nearly full
                 _write_all(link.fd, memoryview(data)[written:])
         else:
-            _write_all(link.fd, memoryview(wire.msg_prefix(group, seq, len(payload))))
+            _write_all(link.fd, memoryview(wire.msg_prefix(group, seq, len(payload), kind)))
             _write_all(link.fd, memoryview(payload))
     except BlockingIOError as err:  # SO_SNDTIMEO ran out in the middle of the frame
         _retire(link)
@@ -299,7 +385,8 @@ def _write_msg(
     except OSError as err:
         _retire(link)
         raise _Retry from err
-    link.seqs[group] = seq + 1
+    if kind != _REPLY:
+        link.seqs[group] = seq + 1
     link.dirty = False
     link.close_if_retired()
 
@@ -358,16 +445,37 @@ def _retire(link: Link) -> None:
     link.close()
 
 
-def _get(pid: int, deadline: float) -> tuple[Link, bool]:
+def identity_of(pid: int) -> Optional[str]:
+    """The start-time identity of the process our open connection to ``pid`` reaches, if any."""
+    link = _links.by_pid.get(pid)
+    return link.identity if link is not None and not link.dead else None
+
+
+def trusts(pid: int, identity: str) -> bool:
+    """Whether our open connection to ``pid`` reaches exactly the process ``identity``."""
+    link = _links.by_pid.get(pid)
+    return link is not None and not link.dead and link.identity == identity
+
+
+def _get(pid: int, deadline: float, identity: Optional[str] = None) -> tuple[Link, bool]:
     link = _links.by_pid.get(pid)  # a dict read is atomic: no lock on the hot path
-    if link is not None and not link.dead:
+    if link is not None and not link.dead and (identity is None or link.identity == identity):
         return link, False
-    new = _connect(pid, deadline)
+    new = _connect(pid, deadline, identity)
     with _links.lock:
         existing = _links.by_pid.get(pid)
         if existing is not None and not existing.dead:
-            new.close()  # another thread won: its connection is the one
-            return existing, False
+            if existing.identity == new.identity:
+                new.close()  # another thread won: its connection is the one
+                return existing, False
+            # A connection to an earlier process of this PID: it is gone.
+            existing.dead = True  # its writer, if any, closes it when done
+            _links.by_pid[pid] = new
+            if existing.lock.acquire(False):
+                try:
+                    existing.sock.close()
+                finally:
+                    existing.lock.release()
         _links.by_pid[pid] = new
         excess = list(_links.by_pid.values())[: max(len(_links.by_pid) - MAX_LINKS, 0)]
     # Only links nobody is using are evicted: closing one under a writer would
@@ -418,13 +526,17 @@ def forget_after_fork() -> None:
 # ---------------------------------------------------------------- connecting
 
 
-def _connect(pid: int, deadline: float) -> Link:
-    """Open an authenticated connection to the mailbox of ``pid``, waiting for it to open."""
+def _connect(pid: int, deadline: float, expect: Optional[str] = None) -> Link:
+    """Open an authenticated connection to the mailbox of ``pid``, waiting for it to open.
+
+    ``expect``: the process's start-time identity; another process in the
+    PID now is :class:`NoSuchProcess`.
+    """
     runtime = rt.runtime()
     delay = 0.0005
     while True:
         identity = rt.proc_identity(pid)
-        if identity is None:
+        if identity is None or (expect is not None and identity != expect):
             raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
         path = rt.socket_path(runtime, pid, identity)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -11,7 +11,17 @@ kind       direction           body after the kind byte
 ``CREDIT`` receiver → sender   ``!H`` group length, ``!Q`` limit, group
 ``HELLO``  both                ``!H`` protocol, ``!Q`` max frame, ``!I`` window,
                                ``!Q`` epoch (a random number naming this mailbox)
+``CALL``   sender → receiver   as ``MSG``, the pickle preceded by ``!Q`` call id and
+                               ``!Q`` the caller's mailbox epoch (where to reply)
+``REPLY``  sender → receiver   ``!H`` 0, ``!Q`` call id, then ``!Q`` the epoch the
+                               CALL named, ``!B`` status (:data:`REPLY_VALUE`,
+                               :data:`REPLY_ERROR`, :data:`REPLY_REMOTE`), pickle
 =========  ==================  ===================================================
+
+A CALL is a MSG of its group in every other way (seq, credit). A REPLY
+travels from the callee to the *caller's* mailbox, on the callee's own
+connection to it; it takes no credit (a caller has at most one reply per
+call it is waiting for, and one that finds no waiting call is dropped).
 
 *Flow control* is credit-based, per (connection, group), as HTTP/2 streams
 and AMQP 1.0 links do it: the sender numbers its messages of each group on
@@ -42,9 +52,17 @@ __all__ = [
     "FAILURE",
     "HEAD",
     "HELLO",
+    "CALL_HEAD",
+    "KIND_CALL",
     "KIND_CREDIT",
     "KIND_HELLO",
     "KIND_MSG",
+    "KIND_REPLY",
+    "REPLY_ERROR",
+    "REPLY_HEAD",
+    "REPLY_REMOTE",
+    "REPLY_VALUE",
+    "TO_RECEIVER",
     "LEN",
     "LEN64",
     "PROTOCOL",
@@ -61,11 +79,23 @@ __all__ = [
 ]
 
 #: Bumped whenever a frame changes meaning; both sides check it in the HELLO.
-PROTOCOL = 3
+PROTOCOL = 4
 
 KIND_MSG = 1
 KIND_CREDIT = 2
 KIND_HELLO = 3
+KIND_CALL = 4
+KIND_REPLY = 5
+
+#: The kinds a sender may send to a receiver.
+TO_RECEIVER = frozenset({KIND_MSG, KIND_CALL, KIND_REPLY})
+
+REPLY_VALUE = 0  # the pickle is the reply's value
+REPLY_ERROR = 1  # the pickle is (exception, traceback text)
+REPLY_REMOTE = 2  # the pickle is (type name, message, traceback text): it did not pickle
+
+CALL_HEAD = struct.Struct("!QQ")  # call id, caller's epoch: in front of a CALL's pickle
+REPLY_HEAD = struct.Struct("!QB")  # epoch, status: in front of a REPLY's pickle
 
 LEN = struct.Struct("!i")  # multiprocessing's frame length...
 LEN64 = struct.Struct("!Q")  # ...and its extension past 2 GiB
@@ -94,10 +124,10 @@ def frame(body: bytes) -> bytes:
     return LEN.pack(len(body)) + body
 
 
-def msg_prefix(group: bytes, seq: int, payload_size: int) -> bytes:
-    """The bytes of a MSG frame that come before its payload (length, head, group)."""
+def msg_prefix(group: bytes, seq: int, payload_size: int, kind: int = KIND_MSG) -> bytes:
+    """The bytes of a MSG (CALL, REPLY) frame before its payload (length, head, group)."""
     size = HEAD.size + len(group) + payload_size
-    head = HEAD.pack(KIND_MSG, len(group), seq) + group
+    head = HEAD.pack(kind, len(group), seq) + group
     if size > 0x7FFFFFFF:
         return LEN.pack(-1) + LEN64.pack(size) + head
     return LEN.pack(size) + head

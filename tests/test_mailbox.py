@@ -1066,8 +1066,8 @@ def test_close_mailbox_wakes_blocked_receivers() -> None:
 @pytest.mark.parametrize(
     ("pid", "exc", "words"),
     [
-        ("12", TypeError, "int PID"),
         (12.0, TypeError, "int PID"),
+        (b"12", TypeError, "int PID"),
         (True, TypeError, "int PID"),
         (None, TypeError, "int PID"),
         (0, ValueError, "PID > 0"),
