@@ -43,6 +43,7 @@ from ._mailbox import open_mailbox as open_mailbox
 from ._mailbox import receive as receive
 from ._mailbox import send as send
 from ._mailbox import serve as serve
+from ._mailbox import stats as stats
 from ._manager import ProcessManager as ProcessManager
 from ._monitor import Down as Down
 from ._monitor import Monitor as Monitor
@@ -112,6 +113,7 @@ __all__ = [
     "Msg",
     "call",
     "serve",
+    "stats",
     "close_mailbox",
     "open_mailbox",
     "receive",

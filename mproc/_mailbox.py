@@ -39,6 +39,7 @@ __all__ = [
     "receive",
     "send",
     "send_many",
+    "stats",
 ]
 
 _PLAIN = frozenset({bytes, bytearray, str, int, float, bool, type(None)})
@@ -376,6 +377,44 @@ def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
     _check.group(group, "receive")
     wait = _check.timeout(timeout, "receive")  # before opening: bad input has no side effect
     return _ensure_open().get(group, wait)
+
+
+def stats() -> dict[str, Any]:
+    """Describe this process's mailbox, as ``mproc ps`` shows it for every mailbox.
+
+    Returns:
+        A dict: ``pid``; ``open``; ``path`` (the socket); ``start_time`` (epoch
+        seconds); ``cmdline``; ``names`` (registered, see
+        :func:`mproc.register`); ``groups`` (``{group: messages queued}``, for
+        groups that hold any); ``senders`` (PIDs connected now);
+        ``received`` (messages ever put in a group queue); ``pending_calls``
+        (``call()`` calls of this process waiting for a reply); ``max_queue``,
+        ``max_frame``, ``idle_limit``. A closed mailbox has ``open`` false,
+        no groups and no senders.
+    """
+    receiver = _state.receiver
+    if receiver is not None and receiver.pid == os.getpid() and not receiver.closed:
+        # Asked of our own reader, like any other: it first reads what was
+        # sent already, so the depths are exact.
+        return _sender.query_stats(receiver.pid, rt.DEFAULT_TIMEOUT)
+    import psutil
+
+    me = psutil.Process()
+    return {
+        "pid": me.pid,
+        "open": False,
+        "path": None,
+        "start_time": me.create_time(),
+        "cmdline": me.cmdline(),
+        "names": _names.held(),
+        "groups": {},
+        "senders": [],
+        "received": 0,
+        "pending_calls": 0,
+        "max_queue": None,
+        "max_frame": None,
+        "idle_limit": None,
+    }
 
 
 def _after_fork_in_child() -> None:

@@ -558,6 +558,23 @@ def lookup(
     return pid, identity
 
 
+def held() -> list[str]:
+    """The names this process holds now (sorted)."""
+    out = []
+    for link in list(_held):
+        base = os.path.basename(link)
+        if base.startswith(_PREFIX) and _read(link) == _me_now():
+            out.append(base[len(_PREFIX) :].decode("utf-8", "surrogateescape"))
+    return sorted(out)
+
+
+def _me_now() -> Optional[bytes]:
+    try:
+        return _own()
+    except MailboxError:  # pragma: no cover
+        return None
+
+
 def fast_lookup(name: str, trust: Callable[[int, str], bool]) -> Optional[tuple[int, str]]:
     """Only the fast path of :func:`lookup`: ``None`` unless a cached, trusted holder is current."""
     d = _current

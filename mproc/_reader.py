@@ -37,11 +37,11 @@ _CHUNK = 1 << 16
 #: A frame larger than this is read into an anonymous mapping of its own.
 BIG_FRAME = 1 << 20
 _MSG_KINDS = wire.TO_RECEIVER
-_REPLY = wire.KIND_REPLY
+_UNGROUPED = wire.FIRST_UNGROUPED  # REPLY, STATS: no group (raw None in the entry)
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
 
 #: A parsed message: (sender pid, payload, peer, raw group, seq, kind). A
-#: REPLY's raw group is ``None`` (it goes to its call, never to a group); a
+#: REPLY's (or STATS request's) raw group is ``None`` (it goes to its call, never to a group); a
 #: message made in this process (a monitor's Down) has no peer and kind
 #: :data:`KIND_LOCAL`.
 Entry = tuple[int, Any, Optional["Peer"], Optional[bytes], int, int]
@@ -88,6 +88,7 @@ class Peer:
 
     __slots__ = (
         "active",
+        "control",
         "dead",
         "fd",
         "granted",
@@ -105,8 +106,11 @@ class Peer:
         "successor",
     )
 
-    def __init__(self, sock: socket.socket, pid: int, session: int = 0) -> None:
+    def __init__(
+        self, sock: socket.socket, pid: int, session: int = 0, control: bool = False
+    ) -> None:
         self.sock = sock
+        self.control = control  # carries control frames only (see wire.HELLO_CONTROL)
         self.fd = sock.fileno()
         self.pid = pid
         self.session = session  # the sending process's session (its HELLO's epoch)
@@ -184,7 +188,7 @@ class Peer:
                     and kind in _MSG_KINDS
                     and wire.HEAD.size + glen <= size <= max_frame
                 ):
-                    group = data[_SMALL.size : start] if kind != _REPLY else None
+                    group = data[_SMALL.size : start] if kind < _UNGROUPED else None
                     entry = (self.pid, memoryview(data)[start:], self, group, seq, kind)
                     self.inp = Input(deque(), deque((entry,)), 0)  # one store commits it
                     return ""
@@ -196,7 +200,7 @@ class Peer:
             return ""
         pid = self.pid
         entries = [
-            (pid, payload, self, group if kind != _REPLY else None, seq, kind)
+            (pid, payload, self, group if kind < _UNGROUPED else None, seq, kind)
             for kind, group, seq, payload in frames
         ]
         rest = bytes(data[used:]) if used < len(data) and not bad else b""
@@ -226,6 +230,6 @@ class Peer:
             return f"sent {bad or 'a large frame that does not parse'}"
         kind, group, seq, payload = frames[0]
         pending = deque(inp.pending)
-        pending.append((self.pid, payload, self, group if kind != _REPLY else None, seq, kind))
+        pending.append((self.pid, payload, self, group if kind < _UNGROUPED else None, seq, kind))
         self.inp = Input(deque(), pending, 0)  # one store commits it
         return ""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import os
 import pickle
 import select
@@ -68,6 +69,8 @@ _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than thi
 _PRUNE_EVERY = 1.0  # ...at most this often
 _KEEP_CREDIT = 256  # sending processes whose credit is kept before the dead are forgotten
 _CALL = wire.KIND_CALL
+_REPLY = wire.KIND_REPLY
+_STATS_REPLY = wire.KIND_STATS_REPLY
 _CALL_HEAD = wire.CALL_HEAD
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
@@ -148,6 +151,10 @@ class Receiver:
         # call id -> the reply queue of a call() waiting in this process.
         self.calls: dict[int, Group] = {}
         self.dropped: deque[Entry] = deque(maxlen=0)  # where late replies go
+        self.received = 0  # messages routed into group queues, ever
+        self.stats_wanted: deque[tuple[Peer, int]] = deque()  # STATS requests to answer
+        self.answering = False
+        self.about: Optional[tuple[float, list[str]]] = None  # start time, command line
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
         self.round = 1
@@ -189,7 +196,7 @@ class Receiver:
 
     # ---------------------------------------------------------------- admission
 
-    def _on_admit(self, sock: socket.socket, pid: int, session: int) -> bool:
+    def _on_admit(self, sock: socket.socket, pid: int, session: int, control: bool) -> bool:
         """Take an admitted peer (admission thread); the reader picks it up at once.
 
         Our HELLO goes out after the peer is queued for the reader (whatever it
@@ -200,7 +207,7 @@ class Receiver:
         """
         if self.closed:
             return False
-        peer = Peer(sock, pid, session)
+        peer = Peer(sock, pid, session, control)
         with peer.greeting:  # the reader waits for it if it finds the peer first
             self.new_peers.append(peer)
             try:
@@ -218,7 +225,9 @@ class Receiver:
                 with peer.greeting:  # admission is writing our HELLO: a moment
                     pass
             head = self.by_pid.get(peer.pid)
-            if head is None or head.dead or head is peer:
+            if peer.control:
+                self._watch(peer)  # no messages on it: no order to keep
+            elif head is None or head.dead or head is peer:
                 self._activate(peer)
             else:
                 # Read this connection only after the process's earlier one has
@@ -251,6 +260,9 @@ class Receiver:
         if len(self.credit) > self.credit_limit:
             self._forget_dead_senders()
         self.by_pid[peer.pid] = peer
+        self._watch(peer)
+
+    def _watch(self, peer: Peer) -> None:
         self.peers[peer.fd] = peer
         if not peer.active:
             try:
@@ -303,6 +315,8 @@ class Receiver:
                 self._regrant_all(peer)
             if mask & ~_EPOLLOUT:
                 self._on_readable(peer)
+        if self.stats_wanted and not self.answering:
+            self._answer_stats()
         return handled
 
     def _on_wake(self) -> None:
@@ -360,8 +374,14 @@ class Receiver:
         take = pending.popleft
         while pending:
             raw = pending[0][3]
+            if peer.control and pending[0][5] != wire.KIND_STATS:
+                self._drop(peer, "sent a message on a control connection (a protocol violation)")
+                return
             if raw is None:
-                self._route_reply(pending[0])
+                if pending[0][5] == _REPLY:
+                    self._route_reply(pending[0])
+                else:
+                    self._want_stats(peer, pending)
                 continue
             k = 1
             n = len(pending)
@@ -383,6 +403,7 @@ class Receiver:
             # One C call moves the run: no bytecode runs between taking a
             # message from the peer and putting it in the group.
             g.queue.extend(itertools.islice(iter(take, NOTHING), k))
+            self.received += k
             if g.waiters:
                 self._wake(g)
             if len(g.queue) >= self.max_queue:
@@ -412,6 +433,65 @@ class Receiver:
         target.extend(itertools.islice(iter(pending.popleft, NOTHING), 1))
         if g is not None and g.waiters:
             self._wake(g)
+
+    def _want_stats(self, peer: Peer, pending: deque[Entry]) -> None:
+        """Note a STATS request (first of the peer's pending); _pump answers it."""
+        self.stats_wanted.append((peer, pending[0][4]))  # first: asked twice is harmless
+        self.dropped.extend(itertools.islice(iter(pending.popleft, NOTHING), 1))
+
+    def _answer_stats(self) -> None:
+        """Answer STATS requests, after reading everything already sent (exact depths)."""
+        self.answering = True
+        try:
+            passes = 0
+            while passes < 100 and self._pump(0.0):
+                passes += 1
+            while self.stats_wanted:
+                peer, request = self.stats_wanted[0]
+                if not peer.dead:
+                    body = json.dumps(self.stats()).encode()
+                    try:
+                        os.write(
+                            peer.fd, wire.frame(wire.HEAD.pack(_STATS_REPLY, 0, request) + body)
+                        )
+                    except OSError:
+                        pass  # it left, or does not read: it times out on its side
+                self.stats_wanted.popleft()
+        finally:
+            self.answering = False
+
+    def _about(self) -> tuple[float, list[str]]:
+        if self.about is None:
+            import psutil
+
+            me = psutil.Process(self.pid)
+            try:
+                cmdline = me.cmdline()
+            except psutil.Error:
+                cmdline = []
+            self.about = (me.create_time(), cmdline)
+        return self.about
+
+    def stats(self) -> dict[str, Any]:
+        """What ``mproc.stats()`` and ``mproc ps`` report about this mailbox."""
+        from . import _names
+
+        senders = sorted({p.pid for p in list(self.by_pid.values()) if not p.dead})
+        return {
+            "pid": self.pid,
+            "open": not self.closed,
+            "path": self.path,
+            "start_time": self._about()[0],
+            "cmdline": self._about()[1],
+            "names": _names.held(),
+            "groups": self.depths(),
+            "senders": senders,
+            "received": self.received,
+            "pending_calls": len(self.calls),
+            "max_queue": self.max_queue,
+            "max_frame": self.max_frame,
+            "idle_limit": self.idle_limit,
+        }
 
     def _new_group(self, raw: bytes, peer: Peer) -> Optional[Group]:
         name = peer.names.get(raw)

@@ -17,6 +17,7 @@ order holds across the reconnect.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
 from . import _runtime as rt
 from . import _wire as wire
@@ -49,6 +50,7 @@ __all__ = [
     "deliver_reply",
     "forget_after_fork",
     "identity_of",
+    "query_stats",
     "retire_all",
     "trusts",
 ]
@@ -495,6 +497,55 @@ def _get(pid: int, deadline: float, identity: Optional[str] = None) -> tuple[Lin
     return new, True
 
 
+_STATS_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO, wire.KIND_STATS_REPLY})
+
+
+def query_stats(pid: int, timeout: float) -> dict[str, Any]:
+    """Ask the mailbox of ``pid`` to describe itself (its reader answers, not its code).
+
+    A connection of its own, closed afterwards: the query never disturbs
+    this process's links (or their order guarantees).
+
+    Raises:
+        NoSuchProcess, MailboxNotFound, MailboxTimeout, HandshakeError: as :func:`deliver`.
+        MailboxGone: the mailbox closed the connection before answering.
+    """
+    deadline = time.monotonic() + timeout
+    link = _connect(pid, deadline, control=True)
+    try:
+        request = int.from_bytes(os.urandom(4), "big")
+        link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        link.sock.sendall(wire.frame(wire.HEAD.pack(wire.KIND_STATS, 0, request)))
+        buf = b""
+        while True:
+            try:
+                chunk = link.sock.recv(1 << 16)
+            except socket.timeout:
+                raise MailboxTimeout(
+                    f"the mailbox of PID {pid} did not answer a stats query within {timeout:g} s",
+                    pid=pid,
+                    path=link.path,
+                ) from None
+            if not chunk:
+                raise MailboxGone(
+                    f"the mailbox of PID {pid} closed before answering a stats query",
+                    pid=pid,
+                    path=link.path,
+                )
+            buf += chunk
+            frames, used, _need, bad = wire.parse(buf, 1 << 26, _STATS_KINDS)
+            if bad:
+                raise HandshakeError(f"the mailbox of PID {pid} sent {bad}", pid=pid)
+            for kind, _group, number, payload in frames:
+                if kind == wire.KIND_STATS_REPLY and number == request:
+                    answer: dict[str, Any] = json.loads(bytes(payload))
+                    return answer
+            buf = buf[used:]
+            link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    finally:
+        link.close()
+
+
 def retire_all() -> None:
     """Close every link (``close_mailbox()``); links in use close when their writer is done."""
     with _links.lock:
@@ -526,7 +577,9 @@ def forget_after_fork() -> None:
 # ---------------------------------------------------------------- connecting
 
 
-def _connect(pid: int, deadline: float, expect: Optional[str] = None) -> Link:
+def _connect(
+    pid: int, deadline: float, expect: Optional[str] = None, control: bool = False
+) -> Link:
     """Open an authenticated connection to the mailbox of ``pid``, waiting for it to open.
 
     ``expect``: the process's start-time identity; another process in the
@@ -555,7 +608,7 @@ def _connect(pid: int, deadline: float, expect: Optional[str] = None) -> Link:
             raise
         else:
             try:
-                return _handshake(sock, runtime, pid, path, deadline)
+                return _handshake(sock, runtime, pid, path, deadline, control)
             except BaseException:
                 sock.close()
                 raise
@@ -573,7 +626,12 @@ def _connect(pid: int, deadline: float, expect: Optional[str] = None) -> Link:
 
 
 def _handshake(
-    sock: socket.socket, runtime: rt.Runtime, pid: int, path: str, deadline: float
+    sock: socket.socket,
+    runtime: rt.Runtime,
+    pid: int,
+    path: str,
+    deadline: float,
+    control: bool = False,
 ) -> Link:
     try:
         peer_pid, peer_uid = rt.peer_credentials(sock)
@@ -610,7 +668,8 @@ def _handshake(
             path=path,
         )
     io.send(wire.WELCOME)
-    io.sock.sendall(wire.hello(epoch=_links.session))
+    flags = wire.HELLO_CONTROL if control else 0
+    io.sock.sendall(wire.hello(window=flags, epoch=_links.session))
     try:
         _version, max_frame, window, epoch = wire.parse_hello(io.recv("its HELLO"))
     except ValueError as err:
@@ -619,6 +678,8 @@ def _handshake(
         ) from err
     sock.settimeout(None)
     link = Link(sock, pid, path, max_frame, max(window, 1))
+    if control:
+        return link  # no messages on it: no credit to carry on
     # The credit of this process with that mailbox (named by its epoch) goes
     # on from the last connection: the receiver carries it over too, so a
     # reconnect does not add a window to what a full group holds.

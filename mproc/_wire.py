@@ -16,12 +16,16 @@ kind       direction           body after the kind byte
 ``REPLY``  sender → receiver   ``!H`` 0, ``!Q`` call id, then ``!Q`` the epoch the
                                CALL named, ``!B`` status (:data:`REPLY_VALUE`,
                                :data:`REPLY_ERROR`, :data:`REPLY_REMOTE`), pickle
+``STATS``  sender → receiver   ``!H`` 0, ``!Q`` request id: "describe your mailbox"
+``STATS_REPLY`` receiver → sender ``!H`` 0, ``!Q`` the request id, UTF-8 JSON
 =========  ==================  ===================================================
 
 A CALL is a MSG of its group in every other way (seq, credit). A REPLY
 travels from the callee to the *caller's* mailbox, on the callee's own
 connection to it; it takes no credit (a caller has at most one reply per
 call it is waiting for, and one that finds no waiting call is dropped).
+A STATS frame is answered by the receiving mailbox's own reader, on the
+same connection, never by application code (``mproc ps``).
 
 *Flow control* is credit-based, per (connection, group), as HTTP/2 streams
 and AMQP 1.0 links do it: the sender numbers its messages of each group on
@@ -58,6 +62,10 @@ __all__ = [
     "KIND_HELLO",
     "KIND_MSG",
     "KIND_REPLY",
+    "KIND_STATS",
+    "KIND_STATS_REPLY",
+    "FIRST_UNGROUPED",
+    "HELLO_CONTROL",
     "REPLY_ERROR",
     "REPLY_HEAD",
     "REPLY_REMOTE",
@@ -86,9 +94,18 @@ KIND_CREDIT = 2
 KIND_HELLO = 3
 KIND_CALL = 4
 KIND_REPLY = 5
+KIND_STATS = 6
+KIND_STATS_REPLY = 7
 
 #: The kinds a sender may send to a receiver.
-TO_RECEIVER = frozenset({KIND_MSG, KIND_CALL, KIND_REPLY})
+TO_RECEIVER = frozenset({KIND_MSG, KIND_CALL, KIND_REPLY, KIND_STATS})
+#: In a sender's HELLO, the window field holds flags; this one says "this
+#: connection carries control frames (STATS) only, never a message": the
+#: receiver reads it at once, outside the order of the process's connections.
+HELLO_CONTROL = 1
+
+#: Kinds from this one on carry no group: they never enter a group queue.
+FIRST_UNGROUPED = KIND_REPLY
 
 REPLY_VALUE = 0  # the pickle is the reply's value
 REPLY_ERROR = 1  # the pickle is (exception, traceback text)

@@ -103,9 +103,9 @@ def count_admissions(r: _receiver.Receiver) -> list[int]:
     admitted = [0]
     real = r.admission.on_admit
 
-    def counting(sock: socket.socket, pid: int, session: int) -> bool:
+    def counting(sock: socket.socket, pid: int, session: int, control: bool) -> bool:
         admitted[0] += 1
-        return real(sock, pid, session)
+        return real(sock, pid, session, control)
 
     r.admission.on_admit = counting
     return admitted
