@@ -19,6 +19,7 @@ import psutil
 import mproc
 
 from . import (
+    _async,
     _containment,
     _groups,
     _memory,
@@ -39,6 +40,8 @@ BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "round_trip": _transfer.round_trip,
     "call_round_trip": _rpc.call_round_trip,
     "send_by_name": _rpc.send_by_name,
+    "async_receive": _async.async_receive,
+    "async_call": _async.async_call,
     "bulk_64mib": _transfer.bulk_64mib,
     "wait_adopted": _waiting.wait_adopted,
     "memory_backpressure": _memory.memory_backpressure,

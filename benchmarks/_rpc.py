@@ -37,8 +37,19 @@ def _serve_echo(gate: Gate, count: int) -> None:
     mproc.serve(echo, timeout=60)
 
 
-def mproc_call_round_trip(trips: int) -> float:
-    """Return microseconds per ``call()`` round trip to a serving child."""
+def _blocking_calls(pid: int, obj: object, count: int) -> None:
+    call = mproc.call
+    for _ in range(count):
+        call(pid, obj)
+
+
+def mproc_call_round_trip(
+    trips: int, runner: Callable[[int, object, int], None] = _blocking_calls
+) -> float:
+    """Return microseconds per ``call()`` round trip to a serving child.
+
+    ``runner(pid, obj, count)`` makes the calls (the async benchmark passes its own).
+    """
     mproc.open_mailbox()
     gate = Gate()
     obj = message(0)
@@ -50,15 +61,12 @@ def mproc_call_round_trip(trips: int) -> float:
                 raise RuntimeError("the server did not start")
             gate.wait_ready(1)
             gate.release(1)
-            call = mproc.call
-            for _ in range(_WARMUP):
-                call(pid, obj)
+            runner(pid, obj, _WARMUP)
             t0 = time.perf_counter()
-            for _ in range(trips):
-                call(pid, obj)
+            runner(pid, obj, trips)
             us = (time.perf_counter() - t0) / trips * 1e6
             try:
-                call(pid, obj)
+                mproc.call(pid, obj)
             except mproc.StopServing:
                 pass
             check_codes("server", kids.join())

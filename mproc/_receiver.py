@@ -155,6 +155,10 @@ class Receiver:
         self.stats_wanted: deque[tuple[Peer, int]] = deque()  # STATS requests to answer
         self.answering = False
         self.about: Optional[tuple[float, list[str]]] = None  # start time, command line
+        # Event loops reading this mailbox for awaiting coroutines (mproc.asyncio),
+        # told when it closes. (Their reads count as a consumer's: while they
+        # read, the background thread naps, as for a blocking receive().)
+        self.async_readers: set[Any] = set()
         self.prune_at = _KEEP_GROUPS
         self.prune_after = 0.0
         self.round = 1
@@ -733,7 +737,6 @@ class Receiver:
             ReceiveTimeout, MailboxClosed, MessageError: see :func:`mproc.receive`.
         """
         slot: list[Entry] = []  # the message, from its group until it is returned
-        consumed = False
         g = self.groups.get(group)
         try:
             if g is None:
@@ -747,42 +750,129 @@ class Receiver:
                     pass
             if not slot:
                 g = self._take(g, slot, timeout)
-            sender, payload, _peer, _raw, _seq, kind = slot[0]
-            if g.starved and len(g.queue) < self.max_queue:
-                self.starving.append(g)  # the reader grants them credit again
-                self.wakeup.wake()
-            ref = None
-            if kind == _CALL:
-                call_id, epoch = _CALL_HEAD.unpack_from(payload)
-                ref = CallRef(sender, call_id, epoch)
-                payload = payload[_CALL_HEAD.size :]
-            try:
-                data = pickle.loads(payload)
-            except Exception as err:
-                if not _unpicklable(payload, err):
-                    raise  # a signal handler's: the message goes back (below)
-                consumed = True  # SPEC: that message is consumed; the next works
-                problem = MessageError(
-                    f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
-                    pid=sender,
-                    group=group,
-                )
-                if ref is not None:
-                    refuse(ref, problem)  # the caller gets it rather than waiting
-                raise problem from err
-            msg = _new_msg(Msg)
-            msg.__dict__.update(sender_pid=sender, receiver_pid=self.pid, group=group, data=data)
-            if ref is not None:
-                msg.__dict__["_reply_to"] = ref
-            # Nothing that can run a signal handler comes after this point:
-            # no finally clause, no call (either could replace the return).
-            return msg
+            return self._to_msg(g, slot, group)
         except BaseException:
             # No call runs before this append: a message taken and not
             # returned goes back to its group (the next receive() puts it first).
-            if slot and not consumed and g is not None:
+            if slot and g is not None:
                 g.orphans.append(slot)
             raise
+
+    def _to_msg(self, g: Group, slot: list[Entry], group: str) -> Msg:
+        """Unpickle the message in ``slot`` (taken from ``g``) into a :class:`Msg`.
+
+        On a message that cannot be unpickled, the slot is emptied (the
+        message is consumed) and :class:`MessageError` raised; on any other
+        exception the slot keeps it, for the caller to give back.
+        """
+        sender, payload, _peer, _raw, _seq, kind = slot[0]
+        if g.starved and len(g.queue) < self.max_queue:
+            self.starving.append(g)  # the reader grants them credit again
+            self.wakeup.wake()
+        ref = None
+        if kind == _CALL:
+            call_id, epoch = _CALL_HEAD.unpack_from(payload)
+            ref = CallRef(sender, call_id, epoch)
+            payload = payload[_CALL_HEAD.size :]
+        try:
+            data = pickle.loads(payload)
+        except Exception as err:
+            if not _unpicklable(payload, err):
+                raise  # a signal handler's: the message goes back (below)
+            slot.clear()  # SPEC: that message is consumed; the next works
+            problem = MessageError(
+                f"cannot unpickle a message from PID {sender} in group {group!r}: {err!r}",
+                pid=sender,
+                group=group,
+            )
+            if ref is not None:
+                refuse(ref, problem)  # the caller gets it rather than waiting
+            raise problem from err
+        msg = _new_msg(Msg)
+        msg.__dict__.update(sender_pid=sender, receiver_pid=self.pid, group=group, data=data)
+        if ref is not None:
+            msg.__dict__["_reply_to"] = ref
+        # Nothing that can run a signal handler comes after this point:
+        # no finally clause, no call (either could replace the return).
+        return msg
+
+    def poll_get(self, group: str) -> Optional[Msg]:
+        """Take the next queued message of ``group``, or return ``None``: no reading, no waiting."""
+        g = self.groups.get(group)
+        if g is None:
+            g = self._group(group)
+        g.touched = self.round
+        if g.orphans:
+            self._recover(g)
+        if not g.queue:
+            return None
+        slot: list[Entry] = []
+        try:
+            try:
+                slot.extend(itertools.islice(g.taker, 1))
+            except IndexError:  # another thread took the last one
+                return None
+            return self._to_msg(g, slot, group)
+        except BaseException:
+            if slot:
+                g.orphans.append(slot)
+            raise
+
+    def read_now(self, passes: int = 64) -> bool:
+        """Read and route whatever has arrived, without blocking, unless someone else reads.
+
+        For a reader that is not a blocked thread (an event loop's callback).
+
+        Returns:
+            Whether it read (``False``: another thread leads, and routes).
+        """
+        if self.closed or not self.leader_lock.acquire(False):
+            return False
+        try:
+            self.reading = _CONSUMER
+            while passes > 0 and self._pump(0.0):
+                passes -= 1
+            if len(self.groups) > self.prune_at:
+                self._prune()
+        except (OSError, ValueError):
+            if not self.closed:
+                raise
+        finally:
+            self.reading = _NOBODY
+            try:
+                self.leader_lock.release()
+            except RuntimeError:
+                pass
+            else:
+                self.last_consumer = time.monotonic()
+                if self.bg_asleep:
+                    _release(self.doorbell)
+                if self.sleepers:
+                    self._wake_sleepers()
+        return True
+
+    def poll_entry(self, g: Group) -> Optional[Entry]:
+        """Take the next entry of a private queue (a call's) if there is one: no reading."""
+        slot: list[Entry] = []
+        try:
+            if g.orphans:
+                self._recover(g)
+            if g.queue:
+                try:
+                    slot.extend(itertools.islice(g.taker, 1))
+                except IndexError:
+                    pass
+            return slot[0] if slot else None
+        except BaseException:
+            if slot:
+                g.orphans.append(slot)
+            raise
+
+    def ask_to_lead(self) -> None:
+        """Have the background reader step down (a consumer wants to read itself)."""
+        if self.reading is _BACKGROUND:
+            self.lead_request = time.monotonic()
+            self.wakeup.wake()
 
     def _take(self, g: Group, items: list[Entry], timeout: Optional[float]) -> Group:
         """Move the group's next message into ``items``, reading or waiting for it.
@@ -1033,6 +1123,8 @@ class Receiver:
         self.admission.close()
         self.wakeup.wake()
         self._wake_sleepers()
+        for loop_reader in list(self.async_readers):
+            _release(loop_reader)  # its awaiting coroutines raise MailboxClosed
         for g in list(self.groups.values()):
             self._wake(g)
         _release(self.doorbell)

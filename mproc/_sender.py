@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Generator
 from types import FrameType
 from typing import Any, Optional
 
@@ -233,7 +234,12 @@ def deliver_reply(pid: int, call_id: int, body: bytes, timeout: float) -> None:
 
 
 def _fast_send(
-    link: Link, group: bytes, payload: bytes, kind: int = wire.KIND_MSG, number: int = -1
+    link: Link,
+    group: bytes,
+    payload: bytes,
+    kind: int = wire.KIND_MSG,
+    number: int = -1,
+    nonblocking: bool = False,
 ) -> bool:
     """Send a small frame on a clean link with credit to spare, or return False.
 
@@ -259,7 +265,10 @@ def _fast_send(
         data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload
         link.dirty = True
         try:
-            written = os.write(link.fd, data)
+            if nonblocking:  # an event loop's: never wait for room in the socket
+                written = link.sock.send(data, socket.MSG_DONTWAIT)
+            else:
+                written = os.write(link.fd, data)
         except OSError:
             return False  # dirty: the general way retires it and tries a new one
         if written != len(data):
@@ -463,7 +472,15 @@ def _get(pid: int, deadline: float, identity: Optional[str] = None) -> tuple[Lin
     link = _links.by_pid.get(pid)  # a dict read is atomic: no lock on the hot path
     if link is not None and not link.dead and (identity is None or link.identity == identity):
         return link, False
-    new = _connect(pid, deadline, identity)
+    return install(pid, _connect(pid, deadline, identity))
+
+
+def install(pid: int, new: Link) -> tuple[Link, bool]:
+    """Make a new connection the link to ``pid`` (unless another thread's won); evict idle ones.
+
+    Returns:
+        ``(link, fresh)``: the link to use, and whether it is ``new``.
+    """
     with _links.lock:
         existing = _links.by_pid.get(pid)
         if existing is not None and not existing.dead:
@@ -633,6 +650,28 @@ def _handshake(
     deadline: float,
     control: bool = False,
 ) -> Link:
+    check_peer(sock, pid, path)
+    # The mailbox is there: give the handshake a fair chance even when the
+    # caller's deadline is (nearly) spent, e.g. send(timeout=0).
+    budget = min(max(deadline - time.monotonic(), rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
+    io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
+    steps = handshake_steps(runtime.key, pid, path, control)
+    step = next(steps)
+    try:
+        while True:
+            if step[0] == "send":
+                io.send(step[1])
+                step = next(steps)
+            else:
+                step = steps.send(io.recv(step[1]))
+    except StopIteration as done:
+        max_frame, window, epoch = done.value
+    sock.settimeout(None)
+    return new_link(sock, pid, path, max_frame, window, epoch, control)
+
+
+def check_peer(sock: socket.socket, pid: int, path: str) -> None:
+    """Check that the socket's peer is ``pid`` of our uid (SO_PEERCRED)."""
     try:
         peer_pid, peer_uid = rt.peer_credentials(sock)
     except OSError as err:
@@ -644,14 +683,24 @@ def _handshake(
             pid=pid,
             path=path,
         )
-    # The mailbox is there: give the handshake a fair chance even when the
-    # caller's deadline is (nearly) spent, e.g. send(timeout=0).
-    budget = min(max(deadline - time.monotonic(), rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
-    io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
-    key = runtime.key
+
+
+#: A handshake step: ("send", frame body) or ("recv", what we wait for).
+Step = tuple[str, Any]
+
+
+def handshake_steps(
+    key: bytes, pid: int, path: str, control: bool
+) -> Generator[Step, bytes, tuple[int, int, int]]:
+    """The sender's side of the handshake, without I/O (driven by a blocking or async caller).
+
+    Yields the frames to send and what to receive next (``send()`` it the
+    received body); returns the receiver's ``(max_frame, window, epoch)``.
+    """
     # multiprocessing's order: the client answers first, then challenges.
-    io.send(wire.answer(key, io.recv("its challenge")))
-    if io.recv("its verdict on our key") != wire.WELCOME:
+    challenge = yield ("recv", "its challenge")
+    yield ("send", wire.answer(key, challenge))
+    if (yield ("recv", "its verdict on our key")) != wire.WELCOME:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
             "file (is MPROC_RUNTIME_DIR the same for both processes?)",
@@ -659,24 +708,36 @@ def _handshake(
             path=path,
         )
     mine = wire.challenge()
-    io.send(mine)
-    if not wire.verify(key, mine, io.recv("the answer to our challenge")):
-        io.send(wire.FAILURE)
+    yield ("send", mine)
+    if not wire.verify(key, mine, (yield ("recv", "the answer to our challenge"))):
+        yield ("send", wire.FAILURE)
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
             pid=pid,
             path=path,
         )
-    io.send(wire.WELCOME)
+    yield ("send", wire.WELCOME)
     flags = wire.HELLO_CONTROL if control else 0
-    io.sock.sendall(wire.hello(window=flags, epoch=_links.session))
+    yield ("send", wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :])
     try:
-        _version, max_frame, window, epoch = wire.parse_hello(io.recv("its HELLO"))
+        _version, max_frame, window, epoch = wire.parse_hello((yield ("recv", "its HELLO")))
     except ValueError as err:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
         ) from err
-    sock.settimeout(None)
+    return max_frame, window, epoch
+
+
+def new_link(
+    sock: socket.socket,
+    pid: int,
+    path: str,
+    max_frame: int,
+    window: int,
+    epoch: int,
+    control: bool = False,
+) -> Link:
+    """A :class:`Link` on a socket that finished the handshake (credit carried over)."""
     link = Link(sock, pid, path, max_frame, max(window, 1))
     if control:
         return link  # no messages on it: no credit to carry on

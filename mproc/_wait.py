@@ -22,6 +22,7 @@ the reaper (``_reaper``), the watches whose pidfds a child must close
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import selectors
 import signal
@@ -134,6 +135,10 @@ def _noop_poll() -> bool:
     return True
 
 
+def _no_cancel() -> None:
+    pass
+
+
 class Watch:
     """One process being watched by the reaper.
 
@@ -168,6 +173,7 @@ class Watch:
         self._lock = threading.Lock()
         self._deadline: Optional[float] = None
         self._owner = os.getpid()  # only this process's reaper ever reports the exit
+        self._done: list[Callable[[], None]] = []  # run once exited is set (see on_done)
 
     def __repr__(self) -> str:
         state = "exited" if self.exited.is_set() else "watching"
@@ -235,6 +241,29 @@ class Watch:
             except OSError:
                 return None
 
+    def on_done(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback()`` once the exit is reported (at once if it was already).
+
+        It runs in the reaper thread: it must be quick and never block (an
+        event loop's ``call_soon_threadsafe``, say).
+
+        Returns:
+            A function that unregisters it (it may have run already).
+        """
+        with self._lock:
+            if not self.exited.is_set():
+                self._done.append(callback)
+                return functools.partial(self._forget_done, callback)
+        callback()
+        return _no_cancel
+
+    def _forget_done(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            try:
+                self._done.remove(callback)
+            except ValueError:
+                pass
+
     def _close_pidfd(self) -> None:
         with self._lock:
             fd, self._pidfd = self._pidfd, None
@@ -263,7 +292,14 @@ class Watch:
         # Drop the callbacks: they hold the handle, which holds this watch.
         self._poll = _noop_poll
         self._poll_fd = None
-        self.exited.set()
+        with self._lock:
+            self.exited.set()
+            done, self._done = self._done, []
+        for callback in done:
+            try:
+                callback()
+            except Exception:
+                logger.exception("mproc reaper: a done callback of PID %d failed", self.pid)
 
     def _drop(self) -> None:
         """Taken back by unwatch(): release everything, never report an exit."""
