@@ -27,6 +27,7 @@ from . import (
     _monitors,
     _rpc,
     _scale,
+    _stats,
     _table,
     _transfer,
     _waiting,
@@ -49,6 +50,7 @@ BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "terminate_trees": _containment.terminate_trees,
     "down_latency": _monitors.down_latency,
     "monitor_threads": _monitors.monitor_threads,
+    "stats_query_cost": _stats.stats_query_cost,
 }
 
 
