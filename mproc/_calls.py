@@ -22,6 +22,7 @@ raises :class:`CalleeDied` only if no reply was among it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import pickle
 import threading
@@ -103,13 +104,14 @@ def reply(msg: Any, value: Any, exc: Optional[BaseException], timeout: Optional[
         ref.replied = True
 
 
-def refuse(ref: CallRef, problem: BaseException) -> None:
-    """Answer a call whose request could not be unpickled here with ``problem``."""
+def refuse(ref: CallRef, problem: BaseException, timeout: float = rt.DEFAULT_TIMEOUT) -> None:
+    """Answer a call that will never be served here (its request does not unpickle,
+    or the mailbox closed with it queued) with ``problem``."""
     with ref.lock:
         if ref.replied:
             return
         try:
-            _send_reply(ref, _error_body(ref, problem), rt.DEFAULT_TIMEOUT)
+            _send_reply(ref, _error_body(ref, problem), timeout)
         except (MailboxError, OSError) as err:
             log.debug("could not tell PID %d its call failed: %s", ref.pid, err)
         ref.replied = True
@@ -120,17 +122,30 @@ def _reply_body(ref: CallRef, status: int, pickled: bytes) -> bytes:
 
 
 def _error_body(ref: CallRef, exc: BaseException) -> bytes:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        inner: Optional[bytes] = _mailbox._dumps(exc)
-    except MessageError:
-        inner = None  # the caller gets a RemoteError with the same text
-    try:
-        text = str(exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:  # a broken __str__ must not lose the reply
-        text = repr(exc)
+        tb = f"{kind} (its traceback could not be formatted)"
+    inner: Optional[bytes] = None  # the caller gets a RemoteError with the same text
+    if isinstance(exc, Exception):
+        # Not SystemExit, KeyboardInterrupt...: the callee's exit or Ctrl-C is
+        # not the caller's (it gets a RemoteError naming it).
+        try:
+            inner = _mailbox._dumps(exc)
+        except MessageError:
+            pass
+    text = _text_of(exc, kind)
     return _reply_body(ref, wire.REPLY_ERROR, pickle.dumps((inner, kind, text, tb), protocol=5))
+
+
+def _text_of(exc: BaseException, kind: str) -> str:
+    for show in (str, repr):
+        try:
+            return show(exc)
+        except Exception:  # a broken __str__ (and __repr__) must not lose the reply
+            pass
+    return f"<{kind} instance>"
 
 
 def _send_reply(ref: CallRef, body: bytes, wait: float) -> None:
@@ -163,7 +178,9 @@ def serve(
     Raises:
         MailboxClosed: the mailbox was closed meanwhile.
         Whatever the handler raises that is not an ``Exception``
-        (``KeyboardInterrupt``...), after answering the call with it.
+        (``KeyboardInterrupt``, ``SystemExit``...), and any exception that
+        interrupts ``serve()`` itself, after answering the call being served
+        (its caller gets a :class:`RemoteError` naming it).
     """
     if not callable(handler):
         raise TypeError(f"serve() takes a callable handler, not {type(handler).__name__}")
@@ -171,33 +188,48 @@ def serve(
     wait = _check.timeout(timeout, "serve")
     receive = _mailbox.receive
     while True:
+        msg = None
         try:
-            msg = receive(group, wait)
-        except ReceiveTimeout:
-            return
-        except MessageError as err:  # one bad message: its caller was told; go on
-            log.warning("serve(%r): %s", group, err)
-            continue
-        try:
-            result = handler(msg.data)
-        except StopServing as stop:
-            if msg.is_call:
-                _answer(msg, None, stop)
-            return
-        except Exception as exc:
-            if msg.is_call:
-                _answer(msg, None, exc)
-            else:
-                log.exception(
-                    "serve(%r): the handler failed on a message from PID %d", group, msg.sender_pid
-                )
-            continue
+            try:
+                msg = receive(group, wait)
+            except ReceiveTimeout:
+                return
+            except MessageError as err:  # one bad message: its caller was told; go on
+                log.warning("serve(%r): %s", group, err)
+                continue
+            if not _serve_one(handler, msg, group):
+                return
         except BaseException as exc:
-            if msg.is_call:
-                _answer(msg, None, exc)
+            # Raised after the message was taken (an interrupt, a failed
+            # reply): its caller must not wait for ever. A reply sent twice
+            # is harmless (the second finds no waiting call).
+            if msg is not None and msg.is_call:
+                try:
+                    _answer(msg, None, exc)
+                except BaseException:
+                    pass
             raise
+
+
+def _serve_one(handler: Callable[[Any], Any], msg: Any, group: str) -> bool:
+    """Handle one message for serve(); return whether to go on."""
+    try:
+        result = handler(msg.data)
+    except StopServing as stop:
         if msg.is_call:
-            _answer(msg, result, None)
+            _answer(msg, None, stop)
+        return False
+    except Exception as exc:
+        if msg.is_call:
+            _answer(msg, None, exc)
+        else:
+            log.exception(
+                "serve(%r): the handler failed on a message from PID %d", group, msg.sender_pid
+            )
+        return True
+    if msg.is_call:
+        _answer(msg, result, None)
+    return True
 
 
 def _answer(msg: Any, value: Any, exc: Optional[BaseException]) -> None:
@@ -251,9 +283,9 @@ def call(
     pid, identity = _mailbox._resolve(target, "call", deadline)
     payload = _mailbox._dumps_for(request, pid, group)
     call_id = next(_ids)
-    g = receiver.new_call(call_id)
-    cancel: Optional[Callable[[], None]] = None
+    cancels: list[Callable[[], None]] = []  # of the callee's exit watch
     try:
+        g = receiver.new_call(call_id)
         while True:
             left = rt.DEFAULT_TIMEOUT if deadline is None else deadline - time.monotonic()
             if left <= 0:
@@ -277,8 +309,11 @@ def call(
                 if err.group is None:
                     err.group = group
                 raise
-        cancel = _monitor.on_exit(
-            pid, identity or _sender.identity_of(pid), lambda: receiver.callee_died(g, pid)
+        _monitor.on_exit(
+            pid,
+            identity or _sender.identity_of(pid),
+            functools.partial(receiver.callee_died, g, pid),
+            cancels,
         )
         died = False
         died_at = 0.0
@@ -304,9 +339,16 @@ def call(
                 died = True
                 died_at = time.monotonic()
     finally:
-        receiver.end_call(call_id)
-        if cancel is not None:
-            cancel()
+        # Inline, not receiver.end_call(): a signal handler could raise on
+        # entry to a Python function and leave the call registered.
+        receiver.calls.pop(call_id, None)
+        for cancel in cancels:
+            try:
+                cancel()
+            except BaseException:
+                # Interrupted on its way in: unregister by one C call, then go on raising.
+                cancel.args[0].waiters.pop(cancel.args[1], None)  # type: ignore[attr-defined]
+                raise
 
 
 def _outcome(payload: Any, pid: int, group: str) -> Any:

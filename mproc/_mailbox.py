@@ -143,13 +143,13 @@ def send(
         MessageError: ``obj`` cannot be pickled or is over the frame size limit;
             nothing was sent.
     """
-    name = None
+    name = identity = None
     if isinstance(pid, str):
         found = _names.fast_lookup(pid, _sender.trusts)
         if found is None:
             _send_named(pid, obj, group, timeout)
             return
-        name, pid = pid, found[0]
+        name, (pid, identity) = pid, found
     pid = _check.pid(pid, "send")
     raw = _check.group(group, "send")
     wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
@@ -157,7 +157,8 @@ def send(
     if pid == _state.pid:
         _ensure_open()  # nobody else would open it (also in a freshly forked child)
     try:
-        _sender.deliver(pid, raw, payload, wait)
+        # For a name, only the very holder: never a process that took its PID.
+        _sender.deliver(pid, raw, payload, wait, identity=identity)
     except NoSuchProcess:
         if name is None:
             raise
@@ -349,9 +350,9 @@ def close_mailbox() -> None:
     _names.forget_cache()
     with _state.lock:
         receiver, _state.receiver = _state.receiver, None
-    _sender.retire_all()
     if receiver is not None and receiver.pid == os.getpid():
-        receiver.close()
+        receiver.close()  # first: it may answer queued calls (on links of ours)
+    _sender.retire_all()
 
 
 def receive(group: str = "", timeout: Optional[float] = None) -> Msg:

@@ -343,6 +343,24 @@ def _zombie_status(pid: int, identity: str) -> Optional[int]:
     return stat[2]
 
 
+def _owns_pid(t: _Target) -> bool:
+    """Whether the target's process still has its PID (exited maybe, but not reaped).
+
+    Once it is reaped, another process may have the PID already, within the
+    same tick of the start-time clock: only the pidfd tells.
+    """
+    if t.exited:
+        return False
+    w = t.watch
+    if w is not None:
+        try:
+            if w.send_signal(0):
+                return True
+        except NoSuchProcess:
+            return False
+    return t.identity is not None and _runtime.proc_identity(t.pid) == t.identity
+
+
 def _pinned_unreaped(fd: int) -> bool:
     """Whether the process a pidfd pins has not been reaped (a zombie has not)."""
     try:
@@ -537,7 +555,12 @@ def _cancel(t: _Target, token: int) -> None:
             _release_locked(st, t)
 
 
-def on_exit(pid: int, identity: Optional[str], callback: Callable[[], None]) -> Callable[[], None]:
+def on_exit(
+    pid: int,
+    identity: Optional[str],
+    callback: Callable[[], None],
+    out: Optional[list[Callable[[], None]]] = None,
+) -> Callable[[], None]:
     """Run ``callback()`` once when process ``pid`` exits (internal: ``call()``'s monitor).
 
     The callback runs in the reaper thread, or synchronously before this
@@ -556,6 +579,9 @@ def on_exit(pid: int, identity: Optional[str], callback: Callable[[], None]) -> 
         identity: its start-time identity as the caller knows it, or ``None``
             for whatever process has the PID now.
         callback: called with no argument; an exception is logged.
+        out: a list the ``cancel()`` is appended to *before* the callback is
+            registered, so that a caller interrupted (a signal handler
+            raising) right after registering still finds it to cancel.
 
     Returns:
         ``cancel()``: idempotent; once it returns, the callback does not run
@@ -564,13 +590,16 @@ def on_exit(pid: int, identity: Optional[str], callback: Callable[[], None]) -> 
     st = _state
     with st.lock:
         t = st.by_pid.get(pid)
-        if t is not None and (identity is None or identity == t.identity):
+        if t is not None and (identity == t.identity if identity is not None else _owns_pid(t)):
             token = next(_tokens)
+            cancel = functools.partial(_cancel, t, token)
+            if out is not None:
+                out.append(cancel)
             t.waiters[token] = callback
             t.shared = True
             if st.idle:
                 st.idle.pop(t, None)
-            return functools.partial(_cancel, t, token)
+            return cancel
     opened = _open(pid)
     if (
         opened is None
@@ -584,10 +613,13 @@ def on_exit(pid: int, identity: Optional[str], callback: Callable[[], None]) -> 
         return _no_cancel
     t = _Target(pid, opened.identity, opened.child, None)
     token = next(_tokens)
+    cancel = functools.partial(_cancel, t, token)
+    if out is not None:
+        out.append(cancel)
     t.waiters[token] = callback
     t.shared = True
     _start(st, t, opened.fd, shareable=True)
-    return functools.partial(_cancel, t, token)
+    return cancel
 
 
 # ---------------------------------------------------------------- monitors
@@ -624,7 +656,7 @@ def monitor(pid: int, group: str = "") -> Monitor:
     st = _state
     with st.lock:
         t = st.by_pid.get(pid)
-        if t is not None:
+        if t is not None and _owns_pid(t):
             if t.child and t.handle is None:
                 t.handle = _wait.child_watch(pid)
             _attach_locked(st, t, rec)

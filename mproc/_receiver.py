@@ -54,7 +54,7 @@ from . import _runtime as rt
 from . import _wire as wire
 from ._admission import Admission
 from ._calls import CallRef, refuse
-from ._errors import MailboxClosed, MailboxError, MessageError, ReceiveTimeout
+from ._errors import MailboxClosed, MailboxError, MailboxGone, MessageError, ReceiveTimeout
 from ._log import logger as log
 from ._queues import NOTHING, Group, Msg
 from ._reader import KIND_LOCAL, Entry, Peer
@@ -64,6 +64,7 @@ __all__ = ["Msg", "Reading", "Receiver"]
 
 _IDLE = 0.02  # no receive() for this long: the background thread reads
 _ASLEEP_CHECK = 10.0  # see _background_loop
+_REFUSE_FOR = 1.0  # at close, queued calls are refused for at most this long
 _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step down
 _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than this
 _PRUNE_EVERY = 1.0  # ...at most this often
@@ -1101,8 +1102,17 @@ class Receiver:
         try:
             g.queue.remove(entry)  # one C call
         except ValueError:
-            return False
-        return True
+            pass
+        else:
+            return True
+        # Taken by a receive() a signal handler interrupted: not received.
+        for slot in list(g.orphans):
+            try:
+                slot.remove(entry)
+            except ValueError:
+                continue
+            return True
+        return False
 
     def depths(self) -> dict[str, int]:
         """Messages queued per group (orphans of interrupted calls included)."""
@@ -1131,6 +1141,8 @@ class Receiver:
         # The reader returns from epoll on the wake-up and steps down.
         got = self.leader_lock.acquire(True, 5.0)
         try:
+            if got:
+                self._refuse_calls()
             self._close_peers()
             self.epoll.close()
             self.wakeup.close()
@@ -1144,6 +1156,40 @@ class Receiver:
             self.listener.close()  # also unlinks the socket file
         except OSError:
             pass  # removed already (multiprocessing's exit finalizer, or a person)
+
+    def _refuse_calls(self) -> None:
+        """Closing (reader lock held): fail the calls nobody will receive now.
+
+        What was sent already is read first; every CALL still queued is
+        answered with MailboxClosed, so its caller does not wait for ever.
+        """
+        passes = 0
+        try:
+            while passes < 100 and self._pump(0.0):
+                passes += 1
+        except (OSError, ValueError):
+            pass
+        calls: list[Entry] = []
+        for g in list(self.groups.values()):
+            for entry in list(g.queue) + [e for slot in list(g.orphans) for e in slot]:
+                if entry[5] == _CALL:
+                    calls.append(entry)
+        if not calls:
+            return
+        until = time.monotonic() + _REFUSE_FOR
+        for sender, payload, _peer, raw, _seq, _kind in calls:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            call_id, epoch = _CALL_HEAD.unpack_from(payload)
+            group = raw.decode("utf-8", "surrogatepass") if raw is not None else ""
+            problem = MailboxGone(
+                f"the mailbox of PID {self.pid} was closed with the call still queued "
+                f"(group {group!r}): it was never received",
+                pid=self.pid,
+                group=group,
+            )
+            refuse(CallRef(sender, call_id, epoch), problem, left)
 
     def _close_peers(self) -> None:
         seen: list[Peer] = list(self.peers.values()) + list(self.new_peers)

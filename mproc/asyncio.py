@@ -37,6 +37,7 @@ exactly one of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 import socket
@@ -699,11 +700,11 @@ async def call(
         pid, identity = _check.pid(target, "call"), None
     payload = _mailbox._dumps_for(request, pid, group)
     call_id = next(_calls._ids)
-    g = receiver.new_call(call_id)
     reader = _reader(receiver, loop)
+    cancels: list[Callable[[], None]] = []  # of the callee's exit watch
     reader.enter()
-    cancel: Optional[Callable[[], None]] = None
     try:
+        g = receiver.new_call(call_id)
         body = wire.CALL_HEAD.pack(call_id, receiver.epoch) + payload
         if isinstance(target, str):
             pid = await _to_name(target, raw, body, group, send_by, wire.KIND_CALL, "call")
@@ -718,8 +719,11 @@ async def call(
                 if err.group is None:
                     err.group = group
                 raise
-        cancel = _monitor.on_exit(
-            pid, identity or _sender.identity_of(pid), lambda: receiver.callee_died(g, pid)
+        _monitor.on_exit(
+            pid,
+            identity or _sender.identity_of(pid),
+            functools.partial(receiver.callee_died, g, pid),
+            cancels,
         )
         died_at: Optional[float] = None
         looked = False  # right after sending, the reply cannot be there yet
@@ -751,9 +755,14 @@ async def call(
                 remaining = step if remaining is None else min(remaining, step)
             await _sleep_on(g, reader, remaining)
     finally:
-        receiver.end_call(call_id)
-        if cancel is not None:
-            cancel()
+        receiver.calls.pop(call_id, None)
+        for cancel in cancels:
+            try:
+                cancel()
+            except BaseException:
+                # Interrupted on its way in: unregister by one C call, then go on raising.
+                cancel.args[0].waiters.pop(cancel.args[1], None)  # type: ignore[attr-defined]
+                raise
         reader.leave()
 
 

@@ -133,12 +133,15 @@ def forward_to(worker: int) -> None:
     """Take one call and hand the Msg itself to ``worker``, which replies."""
     msg = mproc.receive("rpc", timeout=WAIT)
     mproc.send(worker, msg, "job", timeout=WAIT)
+    # The call watches *this* process: stay until the worker has replied.
+    mproc.receive("done", timeout=WAIT)
 
 
 def reply_to_forwarded() -> None:
     """Reply to a call whose Msg another process forwarded here."""
     msg = mproc.receive("job", timeout=WAIT)
     msg.data.reply(("from", os.getpid()))
+    mproc.send(msg.sender_pid, "replied", "done", timeout=WAIT)
 
 
 def hold_name_and_serve(name: str, gate_fd: int = -1) -> None:
