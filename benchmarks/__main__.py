@@ -28,6 +28,7 @@ from . import (
     _rpc,
     _scale,
     _stats,
+    _supervisor,
     _table,
     _transfer,
     _waiting,
@@ -50,6 +51,8 @@ BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "terminate_trees": _containment.terminate_trees,
     "down_latency": _monitors.down_latency,
     "monitor_threads": _monitors.monitor_threads,
+    "supervisor_restart": _supervisor.supervisor_restart,
+    "supervisor_cpu": _supervisor.supervisor_cpu,
     "stats_query_cost": _stats.stats_query_cost,
 }
 

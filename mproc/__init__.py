@@ -62,6 +62,7 @@ from ._shell import shell_run as shell_run
 from ._signals import add_sig_handler as add_sig_handler
 from ._signals import add_sig_handler_shutdown as add_sig_handler_shutdown
 from ._signals import listen as listen
+from ._supervisor import Supervisor as Supervisor
 from ._tree import kill_tree as kill_tree
 
 __version__ = "0.1.0"
@@ -106,6 +107,7 @@ __all__ = [
     "Process",
     "ProcessHandle",
     "ProcessManager",
+    "Supervisor",
     "kill_tree",
     "add_sig_handler",
     "add_sig_handler_shutdown",

@@ -513,11 +513,25 @@ class ProcessManager:
             TypeError, ValueError: an argument is malformed.
         """
         timeout = _check.timeout(timeout, "terminate_all")
-        held = self._held()
+        return self._terminate_held(self._held(), timeout, tree=tree)
+
+    def _terminate_held(
+        self,
+        held: list[tuple[int, ProcessHandle]],
+        timeout: Optional[float],
+        *,
+        tree: bool = False,
+        warn: bool = True,
+    ) -> dict[int, Optional[int]]:
+        """:meth:`terminate_all` of ``held`` only.
+
+        ``warn=False``: no RuntimeWarning on SIGKILL, for a caller whose
+        policy expects it (a supervisor's ``shutdown`` grace running out).
+        """
         trees, alone = self._trees(held, tree)
         pins = self._pin(trees)
         try:
-            return self._terminate(held, trees, alone, pins, timeout)
+            return self._terminate(held, trees, alone, pins, timeout, warn)
         finally:
             for p in pins:
                 p.close()
@@ -529,6 +543,7 @@ class ProcessManager:
         alone: list[tuple[int, ProcessHandle]],
         pins: list[_Pinned],
         timeout: Optional[float],
+        warn: bool,
     ) -> dict[int, Optional[int]]:
         signalled, failures = self._signal_each(alone, lambda h: h.terminate())
         seen: dict[int, int] = {}  # tree members of the SIGTERM step, for the SIGKILL step
@@ -545,12 +560,13 @@ class ProcessManager:
             logger.warning(
                 "processes still alive %s s after SIGTERM, sending SIGKILL: %s", timeout, listed
             )
-            warnings.warn(
-                f"terminate_all(): {len(stubborn)} process(es) still alive {timeout} s after "
-                f"SIGTERM, sent SIGKILL: {listed}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if warn:
+                warnings.warn(
+                    f"terminate_all(): {len(stubborn)} process(es) still alive {timeout} s after "
+                    f"SIGTERM, sent SIGKILL: {listed}",
+                    RuntimeWarning,
+                    stacklevel=4,  # _terminate, _terminate_held, terminate_all, the caller
+                )
         _, more = self._signal_each([t for t in stubborn if t not in trees], lambda h: h.kill())
         failures.update(more)
         # Every tree, whether its root is alive or not: descendants that
