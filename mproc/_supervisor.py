@@ -301,7 +301,9 @@ class Supervisor(ProcessManager):
         try:
             self._control(self._start_all)
         except BaseException:
-            self._join()
+            # Also an interrupt (Ctrl-C) while the children start: the
+            # coordinator goes on unless told to stop, so tell it.
+            self.stop()
             raise
         return self
 
@@ -535,7 +537,7 @@ class Supervisor(ProcessManager):
                         self._exited(item)
                     if self._running:
                         self._restart_due()
-                except Exception:  # never let a bug end supervision silently
+                except BaseException:  # never let a bug end supervision silently
                     logger.exception("supervisor: unexpected error; supervision goes on")
         finally:
             self._finish(q)
@@ -654,7 +656,11 @@ class Supervisor(ProcessManager):
         spec.due = None
         if spec.running:
             self._stop(spec)
+        else:
+            self._stop_leftovers(spec)  # it ended (waiting for a restart): its tree may not have
         with self._cond:
+            if spec not in self._specs:  # another remove() of it won
+                return spec.exitcode
             self._specs.remove(spec)
             if spec.handle is not None and spec.pid is not None:
                 self._forget(spec.pid, spec.handle)
@@ -670,7 +676,20 @@ class Supervisor(ProcessManager):
             spec.exitcode = code
         spec.forget_exit_watch()
         self._report("exited", spec, "(PID %d) exited: %s", spec.pid, describe_exitcode(code))
+        self._stop_leftovers(spec)
         self._failed(spec, code, item.at, item.at - spec.started)
+
+    def _stop_leftovers(self, spec: _Spec) -> None:
+        """Stop what an ended incarnation left running (its tree: a grandchild, a job)."""
+        handle, pid = spec.handle, spec.pid
+        if handle is None or pid is None:
+            return
+        try:
+            self._terminate_held([(pid, handle)], spec.shutdown, warn=False)
+        except Exception:
+            logger.exception(
+                "supervisor: stopping what child %r (PID %d) left failed", spec.name, pid
+            )
 
     def _failed(self, spec: _Spec, code: Optional[int], now: float, ran: float) -> None:
         """Apply the policy to ``spec``, which ended at ``now`` after ``ran`` seconds.
@@ -726,12 +745,14 @@ class Supervisor(ProcessManager):
                 spec.restarts += 1
             try:
                 self._start(spec)
-            except Exception as err:
+            except BaseException as err:  # SystemExit from a factory too: a failed start
                 with self._cond:
                     spec.exitcode = None
                     spec.error = err
                 self._report("start_failed", spec, "failed to start: %r", err, level=logging.ERROR)
                 self._failed(spec, None, time.monotonic(), 0.0)
+                if not self._queue.empty():
+                    return  # stop(), add(), an exit...: served first, then we go on
 
     def _give_up(self, spec: _Spec, code: Optional[int]) -> None:
         why = (

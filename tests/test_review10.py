@@ -83,15 +83,10 @@ def cpu_seconds() -> float:
 
 
 # =====================================================================================
-# Findings (xfail: the current code breaks the promise)
+# Findings F1-F5 (fixed after the review; F4 stays a documented limit, xfail)
 # =====================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: a restart forgets the dead incarnation's handle without stopping its tree; "
-    "its plain descendants outlive the restart and the with block",
-)
 def test_f1_restart_stops_the_crashed_incarnations_tree(reports: Reports) -> None:
     inbox = Inbox()
     made = []
@@ -123,11 +118,6 @@ def test_f1_restart_stops_the_crashed_incarnations_tree(reports: Reports) -> Non
         kill_pinned(fds)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: a shell wrapper that crashes leaves its background job behind at every "
-    "restart, still running after the with block (only the last incarnation's is stopped)",
-)
 def test_f1_crash_looping_shell_wrapper_leaks_one_job_per_restart(reports: Reports) -> None:
     def wrapper() -> mproc.Command:
         return mproc.Command.from_shell("sleep 1000 & exit 1")
@@ -159,11 +149,6 @@ def _sleepers() -> list[int]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: a restart loop of failing starts (no back-off) never returns to the job "
-    "queue: stop()/remove()/add() and the with block hang while it lasts",
-)
 def test_f2_failing_starts_do_not_starve_stop(reports: Reports) -> None:
     failing = threading.Event()
     failing.set()
@@ -205,11 +190,6 @@ def test_f2_failing_starts_do_not_starve_stop(reports: Reports) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: a factory raising a BaseException (SystemExit) kills the coordinator "
-    "silently: supervision ends, wait() returns True, children run unsupervised",
-)
 def test_f3_factory_raising_systemexit_does_not_end_supervision(reports: Reports) -> None:
     inbox = Inbox()
     made = []
@@ -268,11 +248,6 @@ class Interrupted(Exception):
     """What a signal handler raises (a KeyboardInterrupt, in real life)."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: an interrupt (Ctrl-C) while `with sup:` starts the children makes "
-    "__enter__ join a coordinator that never ends: it hangs until someone calls stop()",
-)
 def test_f5_an_interrupt_while_entering_does_not_hang(reports: Reports) -> None:
     assert threading.current_thread() is threading.main_thread()
     main = threading.main_thread().ident
