@@ -20,14 +20,20 @@ _UNCATCHABLE = frozenset(
 )
 #: The longest group name, in UTF-8 bytes (the wire carries it in 16 bits).
 MAX_GROUP_BYTES = 0xFFFF
+#: The longest wait mproc makes in one go (20 days): a larger timeout counts as this.
+FOREVER = 20 * 24 * 3600.0
 
 
 @overload
 def timeout(value: None, func: str = ..., name: str = ...) -> None: ...
 @overload
 def timeout(value: float, func: str = ..., name: str = ...) -> float: ...
+
+
 def timeout(value: Optional[float], func: str = "mproc", name: str = "timeout") -> Optional[float]:
-    """Check a timeout in seconds: ``None`` (no limit) or a finite-or-infinite number >= 0.
+    """Check a timeout in seconds: ``None`` (no limit) or a number >= 0.
+
+    ``inf`` and anything over :data:`FOREVER` (20 days) count as 20 days.
 
     Raises:
         TypeError: not a number (``bool`` counts as not a number).
@@ -45,7 +51,9 @@ def timeout(value: Optional[float], func: str = "mproc", name: str = "timeout") 
         raise ValueError(f"{func}(): {name} must be a number of seconds, got NaN")
     if value < 0:
         raise ValueError(f"{func}(): {name} must be >= 0 seconds, got {value:g}")
-    return value
+    # poll(), epoll and socket timeouts overflow past ~24 days (an int of
+    # milliseconds): a longer timeout, inf included, waits that long.
+    return min(value, FOREVER)
 
 
 def pid(value: object, func: str = "mproc", name: str = "pid") -> int:

@@ -120,7 +120,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         status = code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
     else:
         status = args.func(args)
-    sys.stdout.flush()  # here, where a broken pipe is still ours to report
+    if sys.stdout is not None:  # None: started with stdout closed
+        sys.stdout.flush()  # here, where a broken pipe is still ours to report
     return status
 
 

@@ -21,10 +21,12 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _mailbox, _names, _sender
+from . import _check, _mailbox, _names, _sender
 from . import _runtime as rt
 from ._cli_util import (
     EXIT_FAIL,
+    EXIT_USAGE,
+    CliError,
     emit,
     emit_json,
     exit_codes,
@@ -250,6 +252,16 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_recv(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        _names.check_name(args.name, "recv")
+        if args.name.strip().isdigit():
+            # `mproc send 123` means PID 123: such a name could not be reached.
+            raise CliError(
+                f"recv: --name {args.name!r} is all digits; `mproc send` would take it "
+                "for a PID: choose a name with a letter in it",
+                EXIT_USAGE,
+            )
+    _check.group(args.group, "recv")
     _mailbox.open_mailbox()
     me = os.getpid()
     if args.name is not None:

@@ -12,6 +12,7 @@ exit), pins every member while it is frozen, and only then signals them.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import signal
@@ -74,13 +75,40 @@ def _start_of(pid: int) -> Optional[str]:
         return None
 
 
+_PID_LIMIT = 0x7FFFFFFF
+
+
+def _thread_group(pid: int) -> Optional[int]:
+    """The process (thread group) that thread ``pid`` belongs to, from /proc, if any."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class _Pin:
     """One process, pinned (pidfd, else start time) so that nothing else is ever hit."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        if pid > _PID_LIMIT:  # pid_t is a C int: no such process can exist
+            raise NoSuchProcess(pid=pid)
         # First the pidfd (from now on the process cannot be mistaken), then the start time.
-        self.fd = _wait.pidfd_open(pid)  # None: no pidfds, or few fds left (then the time)
+        try:
+            self.fd = _wait.pidfd_open(pid)  # None: no pidfds, or few fds left (then the time)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.EINVAL):
+                raise
+            leader = _thread_group(pid)
+            if leader is not None and leader != pid:
+                raise NoSuchProcess(
+                    f"no such process: PID {pid} is a thread of process {leader}", pid=pid
+                ) from None
+            raise NoSuchProcess(pid=pid) from None
         self.start = _start_of(pid)
         if self.start is None:
             self.close()
@@ -313,11 +341,16 @@ def _send(t: _Target, sig: int, resume: bool) -> None:
 def _escalate(targets: list[_Target], tree: bool) -> None:
     for t in targets:
         t.signals.append("SIGKILL")
-        if tree:
-            try:  # what the tree forked after the first signal, too
-                _tree.kill_tree(t.pid, signal.SIGKILL, timeout=0)
-            except (NoSuchProcess, ValueError):
-                pass  # the root itself is gone; its pinned members are killed below
+        root = next((p for p in t.pins if p.pid == t.pid), None)
+        if tree and root is not None and not root.exited():
+            # What the tree forked after the first signal, too — searched from
+            # the root's pidfd, never from its bare number: once the root is
+            # gone its PID may be another process's (then only the pinned
+            # members are killed, below).
+            try:
+                _tree.kill_trees([_tree.Root(t.pid, pidfd=root.fd)], signal.SIGKILL, timeout=0)
+            except (NoSuchProcess, ValueError, OSError):
+                pass
         for p in t.pins:
             p.signal(signal.SIGKILL)
     pins = [p for t in targets for p in t.pins]

@@ -32,6 +32,14 @@ def _node(proc: psutil.Process) -> Optional[dict[str, Any]]:
                 node["cmdline"] = proc.cmdline()
             except psutil.AccessDenied:
                 node["cmdline"] = []
+    except psutil.ZombieProcess:  # a NoSuchProcess, but there: shown as <zombie>
+        node = {
+            "pid": proc.pid,
+            "ppid": _ppid(proc),
+            "name": "?",
+            "status": "zombie",
+            "cmdline": [],
+        }
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:
@@ -39,6 +47,13 @@ def _node(proc: psutil.Process) -> Optional[dict[str, Any]]:
     node["names"] = []
     node["children"] = []
     return node
+
+
+def _ppid(proc: psutil.Process) -> Optional[int]:
+    try:
+        return int(proc.ppid())
+    except psutil.Error:
+        return None
 
 
 def _build_tree(pid: int) -> dict[str, Any]:

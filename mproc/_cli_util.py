@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Any, NoReturn, Optional, Union
 
+from ._check import FOREVER
+
 __all__ = [
     "EXIT_FAIL",
     "EXIT_USAGE",
@@ -69,7 +71,7 @@ def seconds_arg(text: str) -> float:
         ) from None
     if math.isnan(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
+    return min(value, FOREVER)  # inf: no limit in practice (20 days)
 
 
 def pid_arg(text: str) -> int:
@@ -165,19 +167,44 @@ def _read_stdin() -> str:
         ) from None
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with what JSON cannot hold made so: non-str keys and NaN as ``repr()``,
+    lone surrogates escaped."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_text(k if isinstance(k, str) else repr(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return repr(value)
+    return value
+
+
+def _text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 output could hold it
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def to_json(value: Any) -> str:
-    """One line of JSON; what JSON cannot hold becomes its ``repr()`` string."""
-    return json.dumps(value, default=repr, ensure_ascii=False)
+    """One line of valid JSON; what JSON cannot hold becomes its ``repr()`` string.
+
+    A lone surrogate in a group name or a value is escaped, never an encoding error.
+    """
+    return json.dumps(_plain(value), default=repr, ensure_ascii=False, allow_nan=False)
 
 
 def show(value: Any) -> str:
     """The text form of a received value: a str as it is, else JSON (else ``repr``)."""
     if isinstance(value, str):
-        return value
+        return printable(value)
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        return to_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return printable(repr(value))
 
 
 def printable(text: str) -> str:

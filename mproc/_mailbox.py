@@ -395,6 +395,10 @@ def stats() -> dict[str, Any]:
     """
     receiver = _state.receiver
     if receiver is not None and receiver.pid == os.getpid() and not receiver.closed:
+        if receiver.leader_lock._is_owned():  # type: ignore[attr-defined]
+            # From a signal handler that interrupted this thread's receive():
+            # the reader is this very thread; what it has routed is all we know.
+            return receiver.stats()
         # Asked of our own reader, like any other: it first reads what was
         # sent already, so the depths are exact.
         return _sender.query_stats(receiver.pid, rt.DEFAULT_TIMEOUT)

@@ -153,7 +153,7 @@ class Receiver:
         self.calls: dict[int, Group] = {}
         self.dropped: deque[Entry] = deque(maxlen=0)  # where late replies go
         self.received = 0  # messages routed into group queues, ever
-        self.stats_wanted: deque[tuple[Peer, int]] = deque()  # STATS requests to answer
+        self.stats_wanted: dict[Peer, int] = {}  # STATS requests to answer (peer -> id)
         self.answering = False
         self.about: Optional[tuple[float, list[str]]] = None  # start time, command line
         # Event loops reading this mailbox for awaiting coroutines (mproc.asyncio),
@@ -440,8 +440,12 @@ class Receiver:
             self._wake(g)
 
     def _want_stats(self, peer: Peer, pending: deque[Entry]) -> None:
-        """Note a STATS request (first of the peer's pending); _pump answers it."""
-        self.stats_wanted.append((peer, pending[0][4]))  # first: asked twice is harmless
+        """Note a STATS request (first of the peer's pending); _pump answers it.
+
+        One answer per connection and pump: requests a querier pipelined are
+        answered once, with the id of the last (a flood costs one answer).
+        """
+        self.stats_wanted[peer] = pending[0][4]  # first: asked twice is harmless
         self.dropped.extend(itertools.islice(iter(pending.popleft, NOTHING), 1))
 
     def _answer_stats(self) -> None:
@@ -451,17 +455,18 @@ class Receiver:
             passes = 0
             while passes < 100 and self._pump(0.0):
                 passes += 1
-            while self.stats_wanted:
-                peer, request = self.stats_wanted[0]
-                if not peer.dead:
-                    body = json.dumps(self.stats()).encode()
-                    try:
-                        os.write(
-                            peer.fd, wire.frame(wire.HEAD.pack(_STATS_REPLY, 0, request) + body)
-                        )
-                    except OSError:
-                        pass  # it left, or does not read: it times out on its side
-                self.stats_wanted.popleft()
+            body = b""
+            for peer in list(self.stats_wanted):
+                request = self.stats_wanted.pop(peer)
+                if peer.dead:
+                    continue
+                if not body:
+                    body = _stats_json(self.stats())
+                frame = wire.frame(wire.HEAD.pack(_STATS_REPLY, 0, request) + body)
+                try:
+                    os.write(peer.fd, frame)  # fits a socket's buffer (_stats_json): whole
+                except OSError:
+                    pass  # it left, or does not read: it times out on its side
         finally:
             self.answering = False
 
@@ -1225,6 +1230,40 @@ class Receiver:
 
 _new_msg = object.__new__  # Msg is frozen: build it by its __dict__ (4x faster)
 _TAKE_CODE = Receiver._take.__code__
+
+
+#: A STATS answer is cut to fit this (a socket buffer holds it whole).
+_STATS_MAX = 48 * 1024
+
+
+def _stats_json(stats: dict[str, Any]) -> bytes:
+    """``stats`` as JSON, at most :data:`_STATS_MAX` bytes, so it is written whole.
+
+    Past that, group names longer than :data:`_NAME_SHOWN` characters are cut
+    (ending in "…"), then only the deepest groups are listed and
+    ``"truncated"`` says how many were left out.
+    """
+    body = json.dumps(stats).encode()
+    if len(body) <= _STATS_MAX:
+        return body
+    groups = sorted(stats["groups"].items(), key=lambda kv: -kv[1])
+    keep = len(groups)
+    while True:
+        cut = dict(stats)
+        cut["groups"] = {_shown(name): depth for name, depth in groups[:keep]}
+        cut["truncated"] = len(groups) - keep
+        cut["cmdline"] = [_shown(arg) for arg in stats["cmdline"][:64]]
+        body = json.dumps(cut).encode()
+        if len(body) <= _STATS_MAX or keep == 0:
+            return body
+        keep //= 2
+
+
+_NAME_SHOWN = 256
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _NAME_SHOWN else text[: _NAME_SHOWN - 1] + "\u2026"
 
 
 def _unpicklable(payload: Any, err: Exception) -> bool:

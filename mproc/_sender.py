@@ -652,8 +652,10 @@ def _handshake(
 ) -> Link:
     check_peer(sock, pid, path)
     # The mailbox is there: give the handshake a fair chance even when the
-    # caller's deadline is (nearly) spent, e.g. send(timeout=0).
-    budget = min(max(deadline - time.monotonic(), rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
+    # caller's deadline is (nearly) spent, e.g. send(timeout=0) — but a
+    # control query (mproc ps) keeps to its deadline.
+    left = deadline - time.monotonic()
+    budget = min(max(left, 0.001 if control else rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
     io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
     steps = handshake_steps(runtime.key, pid, path, control)
     step = next(steps)
