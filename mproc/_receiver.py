@@ -832,9 +832,15 @@ class Receiver:
         Returns:
             Whether it read (``False``: another thread leads, and routes).
         """
-        if self.closed or not self.leader_lock.acquire(False):
+        if self.closed:
             return False
+        leading = False
         try:
+            # Inside the try: an interrupt right after the acquire still
+            # releases it (below).
+            if not self.leader_lock.acquire(False):
+                return False
+            leading = True
             self.reading = _CONSUMER
             while passes > 0 and self._pump(0.0):
                 passes -= 1
@@ -844,9 +850,10 @@ class Receiver:
             if not self.closed:
                 raise
         finally:
-            self.reading = _NOBODY
+            if leading:
+                self.reading = _NOBODY
             try:
-                self.leader_lock.release()
+                self.leader_lock.release()  # raises unless this thread holds it
             except RuntimeError:
                 pass
             else:

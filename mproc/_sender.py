@@ -483,6 +483,8 @@ def install(pid: int, new: Link) -> tuple[Link, bool]:
     """
     with _links.lock:
         existing = _links.by_pid.get(pid)
+        if existing is new:  # installed already (an attempt shared by several sends)
+            return new, False
         if existing is not None and not existing.dead:
             if existing.identity == new.identity:
                 new.close()  # another thread won: its connection is the one

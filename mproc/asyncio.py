@@ -146,7 +146,9 @@ class _LoopReader:
 
     def leave(self) -> None:
         self.waiting -= 1
-        if not self.waiting:
+        if not self.waiting and self.loop.is_closed():
+            self._idle()  # no later: the loop will not run it
+        elif not self.waiting:
             # Later, not now: a coroutine calling in a loop enters again before
             # the loop runs this, and the reader callback stays (an epoll_ctl
             # pair per call saved).
@@ -197,6 +199,8 @@ class _LoopReader:
     def _disarm(self) -> None:
         if self.armed:
             self.armed = False
+            if self.loop.is_closed():
+                return
             try:
                 self.loop.remove_reader(self.fd)
             except (OSError, ValueError, RuntimeError):
@@ -210,6 +214,10 @@ def _reader(receiver: Receiver, loop: asyncio.AbstractEventLoop) -> _LoopReader:
     key = (id(receiver), id(loop))
     reader = _readers.get(key)
     if reader is None or reader.receiver is not receiver or reader.loop is not loop:
+        for k, old in list(_readers.items()):  # readers of closed loops: forget them
+            if old.loop.is_closed():
+                old.receiver.async_readers.discard(old)
+                _readers.pop(k, None)
         reader = _readers[key] = _LoopReader(receiver, loop)
     return reader
 
@@ -220,6 +228,7 @@ async def _sleep_on(
     timeout: Optional[float],
     if_empty: bool = True,
     handover: bool = False,
+    ready: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Await a message in ``g`` (or a reason to look again), at most ``timeout`` seconds.
 
@@ -236,7 +245,11 @@ async def _sleep_on(
     timer = None if timeout is None else reader.loop.call_later(timeout, _wake, fut)
     try:
         # Checked after registering: what came before would wake nobody.
-        if (if_empty and (g.queue or g.orphans)) or reader.receiver.closed:
+        if (
+            (if_empty and (g.queue or g.orphans))
+            or reader.receiver.closed
+            or (ready is not None and ready())
+        ):
             return
         await fut
     finally:
@@ -285,34 +298,35 @@ async def receive(group: str = "", timeout: Optional[float] = None) -> Msg:
     reader = _reader(receiver, loop)
     deadline = None if wait is None else loop.time() + wait
     handed_over = False
-    reader.enter()
-    try:
-        while True:
-            if reader.read():
-                msg = receiver.poll_get(group)
-                if msg is not None:
-                    return msg
-            if receiver.closed:
-                raise _closed(receiver, group)
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                if handed_over or receiver.reading is not _BACKGROUND:
-                    raise ReceiveTimeout(
-                        f"no message for group {group!r} arrived within {wait:g} s "
-                        f"(PID {receiver.pid})",
-                        pid=receiver.pid,
-                        group=group,
-                    )
-                # A poll while the background thread reads: have it yield (it
-                # does at once), then read what was sent ourselves.
-                handed_over = True
-                remaining = _HANDOVER
-            await _sleep_on(receiver._group(group), reader, remaining, handover=handed_over)
-            msg = receiver.poll_get(group)  # routed while we slept (the usual way)
-            if msg is not None:
-                return msg
-    finally:
-        reader.leave()
+    while True:
+        # A message is only ever taken here, outside the enter()/leave()
+        # bracket: an interrupt in leave() cannot cost a message taken.
+        read = False
+        reader.enter()
+        try:
+            read = reader.read()
+            if not (read and receiver._group(group).queue):
+                if receiver.closed:
+                    raise _closed(receiver, group)
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    if handed_over or receiver.reading is not _BACKGROUND:
+                        raise ReceiveTimeout(
+                            f"no message for group {group!r} arrived within {wait:g} s "
+                            f"(PID {receiver.pid})",
+                            pid=receiver.pid,
+                            group=group,
+                        )
+                    # A poll while the background thread reads: have it yield
+                    # (it does at once), then read what was sent ourselves.
+                    handed_over = True
+                    remaining = _HANDOVER
+                await _sleep_on(receiver._group(group), reader, remaining, handover=handed_over)
+        finally:
+            reader.leave()
+        msg = receiver.poll_get(group)
+        if msg is not None:
+            return msg
 
 
 # ---------------------------------------------------------------- send
@@ -443,11 +457,49 @@ async def _deliver(
             retried = True
 
 
+# Connections being made, per (loop, PID): concurrent sends to a PID with no
+# connection share one attempt instead of opening one each.
+_connecting: dict[tuple[int, int, Optional[str]], asyncio.Future[_sender.Link]] = {}
+_waiters: dict[asyncio.Future[_sender.Link], int] = {}  # sends awaiting each attempt
+
+
+def _connected(key: tuple[int, int, Optional[str]], done: asyncio.Future[_sender.Link]) -> None:
+    if _connecting.get(key) is done:
+        del _connecting[key]
+    if not done.cancelled() and done.exception() is None:
+        # Installed here too: should every waiter have been cancelled, the new
+        # connection is still kept (and closed) like any other, never leaked.
+        _sender.install(key[1], done.result())
+
+
 async def _get(pid: int, deadline: float, identity: Optional[str]) -> tuple[_sender.Link, bool]:
     link = _sender._links.by_pid.get(pid)
     if link is not None and not link.dead and (identity is None or link.identity == identity):
         return link, False
-    return _sender.install(pid, await _connect(pid, deadline, identity))
+    key = (id(asyncio.get_running_loop()), pid, identity)
+    attempt = _connecting.get(key)
+    if attempt is None or attempt.done():
+        attempt = asyncio.ensure_future(_connect(pid, deadline, identity))
+        _connecting[key] = attempt
+        attempt.add_done_callback(functools.partial(_connected, key))
+    _waiters[attempt] = _waiters.get(attempt, 0) + 1
+    try:
+        # Shielded: one waiter cancelled does not cancel the others' connection...
+        new = await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        # ...but the last one does (it closes its socket): nothing is left pending.
+        if not attempt.done() and _waiters.get(attempt, 0) <= 1:
+            if _connecting.get(key) is attempt:
+                del _connecting[key]  # no later send joins an attempt being cancelled
+            attempt.cancel()
+        raise
+    finally:
+        left = _waiters.get(attempt, 1) - 1
+        if left > 0:
+            _waiters[attempt] = left
+        else:
+            _waiters.pop(attempt, None)
+    return _sender.install(pid, new)
 
 
 async def _connect(pid: int, deadline: float, expect: Optional[str]) -> _sender.Link:
@@ -641,14 +693,18 @@ async def _fd_ready(fd: int, timeout: float, write: bool) -> bool:
     waiting = _fd_waits.get(key)
     if waiting is None:
         waiting = _fd_waits[key] = []
+        # The loop watches a duplicate of its own: another thread may close the
+        # link's socket meanwhile, and its number go to a new socket.
+        mine = os.dup(fd)
+        _fd_dups[key] = mine
 
         def ready() -> None:
             for f in _fd_waits.pop(key, ()):
                 if not f.done():
                     f.set_result(True)
-            (loop.remove_writer if write else loop.remove_reader)(fd)
+            _unwatch(loop, key, write)
 
-        (loop.add_writer if write else loop.add_reader)(fd, ready)
+        (loop.add_writer if write else loop.add_reader)(mine, ready)
     waiting.append(fut)
     timer = loop.call_later(timeout, _wake, fut)
     try:
@@ -663,8 +719,20 @@ async def _fd_ready(fd: int, timeout: float, write: bool) -> bool:
                 pass
             if not left:
                 del _fd_waits[key]
-                (loop.remove_writer if write else loop.remove_reader)(fd)
+                _unwatch(loop, key, write)
     return fut.result() is True  # not the timer's None
+
+
+_fd_dups: dict[tuple[int, int, bool], int] = {}
+
+
+def _unwatch(loop: asyncio.AbstractEventLoop, key: tuple[int, int, bool], write: bool) -> None:
+    mine = _fd_dups.pop(key, None)
+    if mine is None:
+        return
+    if not loop.is_closed():
+        (loop.remove_writer if write else loop.remove_reader)(mine)
+    os.close(mine)
 
 
 async def _readable(fd: int, timeout: float) -> bool:
@@ -826,9 +894,8 @@ async def wait(handle: Any, timeout: Optional[float] = None) -> Optional[int]:
 
 def _watch_of(handle: Any) -> Any:
     get = getattr(handle, "_monitor_watch", None)
-    if callable(get):
-        return get()
-    return getattr(handle, "_watch", None)
+    watch = get() if callable(get) else None
+    return watch if watch is not None else getattr(handle, "_watch", None)
 
 
 async def wait_all(manager: Any, timeout: Optional[float] = None) -> dict[int, Optional[int]]:
@@ -863,7 +930,8 @@ async def monitor_down(ref: Monitor, timeout: Optional[float] = None) -> Down:
     deadline = None if wait_for is None else loop.time() + wait_for
     st = _monitor._state
     while True:
-        item = st.delivered.get(ref)
+        with st.deliver:  # handed out once: the record goes with it
+            item = st.delivered.pop(ref, None)
         if item is not None:
             receiver, group, entry = item
             receiver.withdraw(group, entry)
@@ -876,6 +944,8 @@ async def monitor_down(ref: Monitor, timeout: Optional[float] = None) -> Down:
             if delivered:
                 continue
             raise ValueError(f"monitor_down(): {ref} is not an active monitor of this process")
+        if rec.receiver.closed:
+            raise _closed(rec.receiver, rec.group)
         remaining = None if deadline is None else deadline - loop.time()
         if remaining is not None and remaining <= 0:
             raise ReceiveTimeout(
@@ -885,6 +955,12 @@ async def monitor_down(ref: Monitor, timeout: Optional[float] = None) -> Down:
         reader.enter()
         try:
             # Woken by every message of the group (a Down too): look again.
-            await _sleep_on(rec.receiver._group(rec.group), reader, remaining, if_empty=False)
+            await _sleep_on(
+                rec.receiver._group(rec.group),
+                reader,
+                remaining,
+                if_empty=False,
+                ready=lambda: ref in st.delivered,  # came as we registered
+            )
         finally:
             reader.leave()

@@ -180,11 +180,6 @@ def settle(loop: asyncio.AbstractEventLoop, *tasks: asyncio.Future[Any]) -> None
 # =====================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: monitor_down() spins on the loop (never awaits) once the mailbox is closed "
-    "and ends with ReceiveTimeout, or never, instead of MailboxClosed",
-)
 def test_monitor_down_raises_mailbox_closed_and_never_blocks_the_loop(
     run: Any, spawner: Any
 ) -> None:
@@ -202,12 +197,6 @@ def test_monitor_down_raises_mailbox_closed_and_never_blocks_the_loop(
     assert gap < MAX_GAP, f"the loop was blocked for {gap:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: a link socket closed (close_mailbox/retire_all, install, eviction) while a "
-    "send waits on its fd leaves a stale reader in the loop's selector; the next socket "
-    "reusing the fd number is never watched: a healthy receiver's handshake times out",
-)
 def test_a_link_closed_under_a_waiting_send_does_not_hijack_the_next_socket(
     run: Any, kids: Kids, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,12 +254,6 @@ def test_a_link_closed_under_a_waiting_send_does_not_hijack_the_next_socket(
     assert res == ("ok", True) and took < 1.0, (res, took)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: concurrent sends to a PID with no link each open their own connection and "
-    "handshake (N sockets): fan-out runs out of fds (raw OSError EMFILE) and the first "
-    "message waits for all N handshakes",
-)
 def test_concurrent_sends_to_a_fresh_pid_share_one_connection(run: Any, kids: Kids) -> None:
     n = 300
 
@@ -335,12 +318,6 @@ def test_a_plain_send_in_the_loop_thread_does_not_break_an_async_send_mid_frame(
     assert status == "ok" or isinstance(value, mproc.MailboxError), repr(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: a KeyboardInterrupt right after read_now() took the leader lock (before its "
-    "try) leaves the lock held by the loop thread: the background reader and every other "
-    "thread's receive() are locked out",
-)
 def test_an_interrupt_as_the_loop_takes_the_lead_releases_it(kind: str) -> None:
     mproc.open_mailbox()
     receiver = _mailbox._state.receiver
@@ -380,11 +357,6 @@ def test_an_interrupt_as_the_loop_takes_the_lead_releases_it(kind: str) -> None:
     assert got == ["m"], got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F6: receive() takes its message with poll_get() and then runs reader.leave() in "
-    "its finally clause: an interrupt there loses the message (SPEC §5 Interrupts)",
-)
 def test_an_interrupt_in_receive_cleanup_keeps_the_message(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -416,12 +388,6 @@ def test_an_interrupt_in_receive_cleanup_keeps_the_message(
     assert mproc.receive("k6", timeout=1).data == "kept"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F7: monitor_down() checks for the Down, then registers to be woken by the *next* "
-    "message (if_empty=False): a Down delivered in between is seen only at the timeout "
-    "(never, with timeout=None)",
-)
 def test_monitor_down_sees_a_down_delivered_as_it_starts_waiting(
     run: Any, spawner: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,11 +417,6 @@ def test_monitor_down_sees_a_down_delivered_as_it_starts_waiting(
     assert took < 1.0, f"the Down was queued, yet monitor_down() took {took:.2f} s (its timeout)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F8: wait(AdoptedProcess) ignores the handle's own watch (_monitor_watch() is None "
-    "for adopted) and waits on whatever process holds the PID now",
-)
 def test_wait_on_an_adopted_process_whose_pid_was_reused(run: Any, spawner: Any) -> None:
     first = spawner.popen(["sleep", "60"])
     adopted = mproc.AdoptedProcess(first.pid)
@@ -519,11 +480,6 @@ def test_sends_waiting_for_credit_cost_no_cpu(run: Any, kids: Kids) -> None:
     assert used < 0.1, f"{used:.2f} s of CPU in 1 s with 1000 sends waiting for credit"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F10: monitor_down() leaves the ref in _monitor._state.delivered: a second "
-    "monitor_down(ref) returns the same Down again (exactly one Down, SPEC §9)",
-)
 def test_monitor_down_hands_out_a_down_once(run: Any, spawner: Any) -> None:
     async def main() -> Any:
         p = spawner.popen(["true"])
@@ -541,12 +497,6 @@ def test_monitor_down_hands_out_a_down_once(run: Any, spawner: Any) -> None:
     assert isinstance(outcome, (ValueError, mproc.ReceiveTimeout)), f"got it twice: {outcome}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F11: a loop closed while receive() coroutines wait stays in "
-    "receiver.async_readers (and ma._readers) for good, and the coroutines' finally "
-    "raises 'Event loop is closed' from leave() when they are collected",
-)
 def test_a_loop_closed_with_waiting_receives_leaves_nothing_behind(kind: str) -> None:
     mproc.open_mailbox()
     receiver = _mailbox._state.receiver
