@@ -35,6 +35,7 @@ import functools
 import logging
 import math
 import multiprocessing
+import os
 import queue
 import random
 import threading
@@ -684,6 +685,16 @@ class Supervisor(ProcessManager):
         handle, pid = spec.handle, spec.pid
         if handle is None or pid is None:
             return
+        try:
+            # A contained child leads a process group of its own, and what it
+            # starts stays in it unless it calls setsid(): an empty group means
+            # nothing is left, and the tree search (a /proc scan) is skipped —
+            # a crash loop costs a syscall here, not a scan.
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        except OSError:
+            pass  # EPERM: a member we may not signal; search anyway
         try:
             self._terminate_held([(pid, handle)], spec.shutdown, warn=False)
         except Exception:
