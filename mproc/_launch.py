@@ -396,12 +396,12 @@ class _Launcher:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._jobs: list[_Job[Any]] = []
+        self._jobs: list[Job[Any]] = []
         self._thread: Optional[threading.Thread] = None
         self._owner = -1
 
     def run(self, fn: Callable[[], _T]) -> _T:
-        job: _Job[_T] = _Job(fn)
+        job: Job[_T] = Job(fn)
         with self._cond:
             if self._owner != os.getpid() or self._thread is None:
                 # First use, or a forked child: the thread did not survive fork.
@@ -434,8 +434,8 @@ class _Launcher:
             job.run()
 
 
-class _Job(Generic[_T]):
-    """One callable run on the launcher thread, with its outcome."""
+class Job(Generic[_T]):
+    """A callable run on another thread (the launcher's, a supervisor's), with its outcome."""
 
     def __init__(self, fn: Callable[[], _T]) -> None:
         self.fn = fn
@@ -452,6 +452,8 @@ class _Job(Generic[_T]):
             self.done.set()
 
     def result(self) -> _T:
+        """Wait for the run; return its value or raise its exception."""
+        self.done.wait()
         if self.error is not None:
             raise self.error
         return self.value  # type: ignore[return-value]  # set when error is None

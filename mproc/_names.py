@@ -522,15 +522,15 @@ def lookup(
         TypeError, ValueError: ``name`` is not a valid name (naming ``func``).
         UnsafeRuntimeDir: the runtime or names directory is refused.
     """
-    d = _current
-    entry = d.links.get(name) if d is not None and name.__class__ is str else None
-    if entry is not None and trust is not None:
+    if trust is not None and name.__class__ is str:
         # The fast path: the same target as last time, and the caller has a
         # live connection to exactly that process (so no /proc read, and no
         # look at the environment: forget_cache() runs when the mailbox closes).
-        target = _read(entry[0])
-        if target == entry[1] and target and trust(entry[2], entry[3]):
-            return entry[2], entry[3]
+        found = fast_lookup(name, trust)
+        if found is not None:
+            return found
+    d = _current
+    entry = d.links.get(name) if d is not None and name.__class__ is str else None
     if d is None or d.key != _env_key():
         d = _dir()
         entry = d.links.get(name) if name.__class__ is str else None

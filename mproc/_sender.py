@@ -596,6 +596,36 @@ def forget_after_fork() -> None:
 # ---------------------------------------------------------------- connecting
 
 
+def mailbox_path(runtime: rt.Runtime, pid: int, expect: Optional[str]) -> str:
+    """The socket path of the mailbox of ``pid`` as it is now.
+
+    Raises:
+        NoSuchProcess: no such process, or (``expect`` given) another process
+            than the one with that start-time identity has the PID now.
+    """
+    identity = rt.proc_identity(pid)
+    if identity is None or (expect is not None and identity != expect):
+        raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
+    return rt.socket_path(runtime, pid, identity)
+
+
+def connect_failed(pid: int, path: str, err: OSError) -> MailboxError:
+    """The error for a connect() that failed otherwise than "not there (yet)"."""
+    return MailboxError(
+        f"cannot connect to the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
+    )
+
+
+def not_open(pid: int, path: str) -> MailboxNotFound:
+    """The error for a live process whose mailbox did not open in time."""
+    return MailboxNotFound(
+        f"PID {pid} is alive but has no open mailbox at {path}; it opens one with "
+        "mproc.receive() or mproc.open_mailbox()",
+        pid=pid,
+        path=path,
+    )
+
+
 def _connect(
     pid: int, deadline: float, expect: Optional[str] = None, control: bool = False
 ) -> Link:
@@ -607,10 +637,7 @@ def _connect(
     runtime = rt.runtime()
     delay = 0.0005
     while True:
-        identity = rt.proc_identity(pid)
-        if identity is None or (expect is not None and identity != expect):
-            raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
-        path = rt.socket_path(runtime, pid, identity)
+        path = mailbox_path(runtime, pid, expect)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -619,9 +646,7 @@ def _connect(
             sock.close()
         except OSError as err:
             sock.close()
-            raise MailboxError(
-                f"cannot connect to the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
-            ) from err
+            raise connect_failed(pid, path, err) from err
         except BaseException:
             sock.close()
             raise
@@ -633,12 +658,7 @@ def _connect(
                 raise
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise MailboxNotFound(
-                f"PID {pid} is alive but has no open mailbox at {path}; it opens one with "
-                "mproc.receive() or mproc.open_mailbox()",
-                pid=pid,
-                path=path,
-            )
+            raise not_open(pid, path)
         # The receiver's start-up is usually a few ms: poll the file with back-off.
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.05)

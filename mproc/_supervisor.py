@@ -41,11 +41,12 @@ import random
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Generic, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from . import _check, _names
 from ._command import Command
 from ._errors import SupervisorGaveUp, describe_exitcode
+from ._launch import Job
 from ._log import logger
 from ._manager import ProcessManager
 from ._process import Process
@@ -146,30 +147,6 @@ class _Spec:
             cancel()
 
 
-class _Job(Generic[_T]):
-    """A call the coordinator makes for another thread, with its outcome."""
-
-    def __init__(self, fn: Callable[[], _T]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.value: Optional[_T] = None
-        self.error: Optional[BaseException] = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as err:
-            self.error = err
-        finally:
-            self.done.set()
-
-    def result(self) -> Optional[_T]:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 class _Exit(NamedTuple):
     """An incarnation has exited, as the reaper saw it ``at`` (monotonic time)."""
 
@@ -179,7 +156,7 @@ class _Exit(NamedTuple):
 
 
 #: What the coordinator's queue carries.
-_Item = Union[_Job[Any], _Exit]
+_Item = Union[Job[Any], _Exit]
 
 
 def _on_exit(q: queue.SimpleQueue[_Item], spec: _Spec, handle: Child) -> Callable[[], None]:
@@ -486,7 +463,7 @@ class Supervisor(ProcessManager):
                 return None if only_running else fn()
             if threading.current_thread() is self._thread:
                 return fn()  # a factory calling us
-            job: _Job[_T] = _Job(fn)
+            job: Job[_T] = Job(fn)
             self._queue.put(job)
         return job.result()
 
@@ -532,7 +509,7 @@ class Supervisor(ProcessManager):
                 except queue.Empty:
                     item = None
                 try:
-                    if isinstance(item, _Job):
+                    if isinstance(item, Job):
                         item.run()
                     elif item is not None:
                         self._exited(item)
@@ -552,7 +529,7 @@ class Supervisor(ProcessManager):
                 item = q.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Job):
+            if isinstance(item, Job):
                 item.run()
         with self._cond:
             self._active = False

@@ -55,7 +55,6 @@ from ._errors import (
     MailboxError,
     MailboxFull,
     MailboxGone,
-    MailboxNotFound,
     MailboxTimeout,
     MessageError,
     NameNotFound,
@@ -507,10 +506,7 @@ async def _connect(pid: int, deadline: float, expect: Optional[str]) -> _sender.
     runtime = rt.runtime()
     delay = 0.0005
     while True:
-        identity = rt.proc_identity(pid)
-        if identity is None or (expect is not None and identity != expect):
-            raise NoSuchProcess(f"cannot send to PID {pid}: no such process", pid=pid)
-        path = rt.socket_path(runtime, pid, identity)
+        path = _sender.mailbox_path(runtime, pid, expect)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -519,9 +515,7 @@ async def _connect(pid: int, deadline: float, expect: Optional[str]) -> _sender.
             sock.close()
         except OSError as err:
             sock.close()
-            raise MailboxError(
-                f"cannot connect to the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
-            ) from err
+            raise _sender.connect_failed(pid, path, err) from err
         except BaseException:
             sock.close()
             raise
@@ -533,12 +527,7 @@ async def _connect(pid: int, deadline: float, expect: Optional[str]) -> _sender.
                 raise
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise MailboxNotFound(
-                f"PID {pid} is alive but has no open mailbox at {path}; it opens one with "
-                "mproc.receive() or mproc.open_mailbox()",
-                pid=pid,
-                path=path,
-            )
+            raise _sender.not_open(pid, path)
         await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.05)
 
