@@ -36,7 +36,10 @@ METHODS = multiprocessing.get_all_start_methods()
 
 
 # Scripts run by a fresh interpreter import the mproc under test.
-_ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(mproc.__file__)))
+def _env() -> dict[str, str]:
+    """The environment of a test's helper script: the test's own (its private
+    MPROC_RUNTIME_DIR, set per test), with this mproc importable."""
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(mproc.__file__)))
 
 
 def pin(pids: list[int]) -> list[int]:
@@ -496,7 +499,7 @@ def test_children_die_with_the_managers_process(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=_ENV,
+        env=_env(),
     )
     pids: list[int] = []
     for _ in range(2):
@@ -732,7 +735,7 @@ def test_kill_tree_and_add_process_refuse_trees_that_hold_the_caller(tmp_path: A
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env=_ENV,
+        env=_env(),
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -862,7 +865,7 @@ def test_pid_reuse_in_a_namespace_never_signals_the_new_process(run: int, tmp_pa
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env=_ENV,
+        env=_env(),
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("SAFE\n")
