@@ -53,7 +53,14 @@ def term_reporter(to: int, name: str) -> None:
     """Report ``("up", name, pid)``; on SIGTERM report ``("term", name, pid)`` and keep running."""
 
     def on_term(signum: int, frame: Any) -> None:
-        report(to, "term", name, os.getpid())
+        # Best effort: the SIGTERM may land while the main thread is still
+        # inside its send() of "up" (the parent holds the message already, the
+        # call has not returned), and a send from a handler into that raises
+        # RuntimeError, which would end this process early: keep running.
+        try:
+            report(to, "term", name, os.getpid())
+        except RuntimeError:
+            pass
 
     signal.signal(signal.SIGTERM, on_term)
     report(to, "up", name, os.getpid())
