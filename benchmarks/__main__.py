@@ -38,6 +38,7 @@ from ._common import RUNDIR_PREFIX, Config, Row, Target
 BENCHMARKS: dict[str, Callable[[Config, str], list[Row]]] = {
     "one_to_one": _messaging.one_to_one,
     "four_to_one": _messaging.four_to_one,
+    "batched": _messaging.batched,
     "new_group": _groups.new_group,
     "round_trip": _transfer.round_trip,
     "call_round_trip": _rpc.call_round_trip,

@@ -5,6 +5,7 @@ PIDs, a :class:`ProcessManager` that holds any mix of them, signal helpers,
 and a PID-addressed mailbox (``send(pid, obj)`` / ``receive()``).
 """
 
+from ._batch import Batch as Batch
 from ._command import Command as Command
 from ._errors import CalleeDied as CalleeDied
 from ._errors import CallTimeout as CallTimeout
@@ -103,6 +104,7 @@ __all__ = [
     "shell_exec",
     "shell_run",
     "AdoptedProcess",
+    "Batch",
     "Command",
     "Process",
     "ProcessHandle",

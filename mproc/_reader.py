@@ -195,14 +195,9 @@ class Peer:
         if inp.need and sum(map(len, chunks)) < inp.need:
             return ""  # the rest of a large frame has not arrived yet
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        frames, used, need, bad = wire.parse(data, max_frame, _MSG_KINDS)
-        if not frames and not bad and len(chunks) == 1 and need == inp.need:
+        entries, used, need, bad = wire.parse(data, max_frame, _MSG_KINDS, (self.pid, self))
+        if not entries and not bad and len(chunks) == 1 and need == inp.need:
             return ""
-        pid = self.pid
-        entries = [
-            (pid, payload, self, group if kind < _UNGROUPED else None, seq, kind)
-            for kind, group, seq, payload in frames
-        ]
         rest = bytes(data[used:]) if used < len(data) and not bad else b""
         pending = inp.pending
         if entries:

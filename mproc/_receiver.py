@@ -43,6 +43,7 @@ import os
 import pickle
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -57,12 +58,18 @@ from ._calls import CallRef, refuse
 from ._errors import MailboxClosed, MailboxError, MailboxGone, MessageError, ReceiveTimeout
 from ._log import logger as log
 from ._queues import NOTHING, Group, Msg
-from ._reader import KIND_LOCAL, Entry, Peer
+from ._reader import KIND_LOCAL, Entry, Input, Peer
 from ._wakeup import Wakeup
 
 __all__ = ["Msg", "Reading", "Receiver"]
 
 _IDLE = 0.02  # no receive() for this long: the background thread reads
+#: How long a receive() about to block polls first (see Receiver._spin); the
+#: environment variable MPROC_SPIN_US overrides it (0: never poll).
+_SPIN = 50e-6
+ENV_SPIN = "MPROC_SPIN_US"
+_SPIN_MISSES = 4  # polls in a row that found nothing: stop polling for a while
+_yield = getattr(os, "sched_yield", lambda: None)
 _ASLEEP_CHECK = 10.0  # see _background_loop
 _REFUSE_FOR = 1.0  # at close, queued calls are refused for at most this long
 _HANDOVER = 0.5  # the most receive(timeout=0) waits for the background to step down
@@ -73,6 +80,11 @@ _CALL = wire.KIND_CALL
 _REPLY = wire.KIND_REPLY
 _STATS_REPLY = wire.KIND_STATS_REPLY
 _CALL_HEAD = wire.CALL_HEAD
+_MSG = wire.KIND_MSG
+_HEAD_SIZE = wire.HEAD.size
+_SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
+_SMALL_SIZE = _SMALL.size
+_SMALL_UNPACK = _SMALL.unpack_from
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _EPOLLOUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
 
@@ -116,6 +128,8 @@ class Receiver:
         self.window = min(rt.DEFAULT_WINDOW, max_queue)
         self.half = max(1, self.window // 2)  # credit is granted in steps this large
         self.idle_limit = idle_limit
+        self.spin = _spin_seconds()
+        self.spin_misses = 0
         rt.remove_stale(runtime)
         self.path = rt.socket_path(runtime, self.pid, rt.proc_identity(self.pid) or "0")
         try:
@@ -285,12 +299,89 @@ class Receiver:
 
     # ---------------------------------------------------------------- reading
 
-    def _pump(self, timeout: Optional[float]) -> int:
+    def _pump(self, timeout: Optional[float], spin: bool = False) -> int:
         """Wait for and handle one batch of events (the caller leads); return how many.
 
         It first finishes what an interrupted reader left: control work (a
         wake-up already drained), bytes read and not yet parsed or routed.
+        With ``spin`` (a ``receive()`` about to block), it first polls for a
+        short while, yielding the CPU between polls (see :meth:`_spin`).
         """
+        if (
+            self.new_peers
+            or self.dying
+            or self.owed
+            or self.unfinished
+            or self.partial
+            or self.starving
+            or self.unsent
+        ):
+            timeout = self._catch_up(timeout)
+        events = self.epoll.poll(0.0 if spin and self.spin else -1 if timeout is None else timeout)
+        if not events and timeout != 0.0:
+            if spin and self.spin:
+                events = self._spin(timeout)
+            else:
+                events = self.epoll.poll(-1 if timeout is None else timeout)
+        handled = 0
+        for fd, mask in events:
+            peer = self.peers.get(fd)
+            if peer is None:
+                if fd == self.wakeup.fileno():
+                    self.wakeup.drain()
+                    self._on_wake()
+                continue
+            handled += 1
+            if mask == _EPOLLIN:
+                self._read_one(peer)
+                continue
+            if mask & _EPOLLOUT:
+                self._regrant_all(peer)
+            if mask & ~_EPOLLOUT:
+                self._on_readable(peer)
+        if self.stats_wanted and not self.answering:
+            self._answer_stats()
+        return handled
+
+    def _spin(self, timeout: Optional[float]) -> list[tuple[int, int]]:
+        """Wait for events as :meth:`_pump` does, polling for up to ``self.spin`` s first.
+
+        A thread blocked in ``epoll_wait`` takes a long time to wake up on a
+        VM (the sender's write must kick a halted virtual CPU): polling for a
+        few tens of microseconds, with ``sched_yield()`` between polls so that
+        any other runnable task of this CPU (the sender itself, say) runs
+        first, turns most round trips into no sleep at all — what Erlang's
+        schedulers do (busy wait before sleep) and Go's runtime (spinning).
+        It adapts: after :data:`_SPIN_MISSES` polls in a row that found
+        nothing, it stops spinning until a blocking wait ends soon enough for
+        a spin to have caught it.
+        """
+        poll = self.epoll.poll
+        if self.spin_misses < _SPIN_MISSES:
+            until = time.monotonic() + (
+                self.spin if timeout is None else min(self.spin, max(timeout, 0.0))
+            )
+            while True:
+                _yield()
+                events = poll(0.0)
+                if events:
+                    self.spin_misses = 0
+                    return events
+                now = time.monotonic()
+                if now >= until:
+                    break
+            self.spin_misses += 1
+            if timeout is not None:
+                timeout = max(timeout - self.spin, 0.0)
+            return poll(-1 if timeout is None else timeout)
+        began = time.monotonic()
+        events = poll(-1 if timeout is None else timeout)
+        if events and time.monotonic() - began < 2 * self.spin:
+            self.spin_misses = 0  # a spin would have caught this one: spin again
+        return events
+
+    def _catch_up(self, timeout: Optional[float]) -> Optional[float]:
+        """Finish what an interrupted reader left, and control work; return the poll's timeout."""
         if self.new_peers or self.dying or self.owed:
             self._on_wake()
         if self.unfinished:
@@ -306,23 +397,63 @@ class Receiver:
             self._release_starving()
         if self.unsent:
             self._send_unsent()
-        events = self.epoll.poll(-1 if timeout is None else timeout)
-        handled = 0
-        for fd, mask in events:
-            peer = self.peers.get(fd)
-            if peer is None:
-                if fd == self.wakeup.fileno():
-                    self.wakeup.drain()
-                    self._on_wake()
-                continue
-            handled += 1
-            if mask & _EPOLLOUT:
-                self._regrant_all(peer)
-            if mask & ~_EPOLLOUT:
-                self._on_readable(peer)
-        if self.stats_wanted and not self.answering:
-            self._answer_stats()
-        return handled
+        return timeout
+
+    def _read_one(self, peer: Peer) -> None:
+        """Read a readable peer: :meth:`_on_readable` with a short way for the common case.
+
+        The common case is one read that holds exactly one small MSG of a
+        known group, within credit, to a group with room: it is cut out and
+        queued here, by the same committing steps as the general way (the
+        read recorded by one C call, the entry published by one store of a
+        new input, the move into the group by one C call); anything else
+        goes the general way from where this left it.
+        """
+        inp = peer.inp
+        if inp.chunks or inp.pending or inp.big is not None or peer.control:
+            self._on_readable(peer)
+            return
+        self.unfinished[peer] = None
+        chunks = inp.chunks
+        try:
+            chunks.extend(itertools.islice(peer.reader, 1))
+        except BlockingIOError:
+            pass
+        except (OSError, MemoryError, BufferError) as err:
+            self._drop(peer, f"read failed: {err!r}")
+            return
+        if len(chunks) == 1:
+            data = chunks[0]
+            if len(data) > _SMALL_SIZE:
+                size, kind, glen, seq = _SMALL_UNPACK(data)
+                if size + 4 == len(data) and kind == _MSG and _HEAD_SIZE + glen <= size:
+                    start = _SMALL_SIZE + glen
+                    raw = data[_SMALL_SIZE:start]
+                    g = self.by_raw.get(raw)
+                    granted = peer.granted.get(raw, self.window)
+                    if (
+                        g is not None
+                        and seq < granted
+                        and size <= self.max_frame
+                        and len(g.queue) < self.max_queue - 1
+                    ):
+                        pending: deque[Entry] = deque()
+                        pending.append((peer.pid, memoryview(data)[start:], peer, raw, seq, kind))
+                        peer.inp = Input(deque(), pending, 0)  # one store commits the cut
+                        peer.last_seq[raw] = seq
+                        # One C call moves it (see _route).
+                        g.queue.extend(itertools.islice(iter(pending.popleft, NOTHING), 1))
+                        self.received += 1
+                        if g.waiters:
+                            self._wake(g)
+                        if seq + 1 + self.window - granted >= self.half or granted > peer.sent.get(
+                            raw, self.window
+                        ):
+                            self._grant(peer, raw)
+                        del self.unfinished[peer]
+                        return
+        peer.progress = time.monotonic()
+        self._digest(peer)
 
     def _on_wake(self) -> None:
         if self.starving:
@@ -756,6 +887,19 @@ class Receiver:
                     pass
             if not slot:
                 g = self._take(g, slot, timeout)
+            entry = slot[0]
+            if entry[5] == _MSG and not g.starved:
+                # The common case in the fewest steps (else, and on any
+                # error, _to_msg() does it all again, the careful way).
+                try:
+                    data = _loads(entry[1])
+                except Exception:
+                    return self._to_msg(g, slot, group)
+                msg = _new_msg(Msg)
+                msg.__dict__.update(
+                    sender_pid=entry[0], receiver_pid=self.pid, group=group, data=data
+                )
+                return msg
             return self._to_msg(g, slot, group)
         except BaseException:
             # No call runs before this append: a message taken and not
@@ -772,7 +916,7 @@ class Receiver:
         exception the slot keeps it, for the caller to give back.
         """
         sender, payload, _peer, _raw, _seq, kind = slot[0]
-        if g.starved and len(g.queue) < self.max_queue:
+        if g.starved and len(g.queue) < self.max_queue and g not in self.starving:
             self.starving.append(g)  # the reader grants them credit again
             self.wakeup.wake()
         ref = None
@@ -953,7 +1097,7 @@ class Receiver:
                                 while self._pump(0.0) and not g.queue and passes < 1000:
                                     passes += 1
                             else:
-                                self._pump(remaining)
+                                self._pump(remaining, True)
                         except (OSError, ValueError):
                             # close_mailbox() closed the epoll under us (a signal
                             # handler of this thread): say so below, not this.
@@ -961,6 +1105,11 @@ class Receiver:
                                 raise
                     if len(self.groups) > self.prune_at:
                         self._prune()
+                    if g.queue and not g.orphans:
+                        try:
+                            items.extend(itertools.islice(g.taker, 1))  # as at the top
+                        except IndexError:  # pragma: no cover - another thread took it
+                            pass
             finally:
                 if leading:
                     self.reading = _NOBODY  # a store: no signal handler runs before it
@@ -979,6 +1128,8 @@ class Receiver:
                     if self.sleepers:
                         self._wake_sleepers()
             if leading:
+                if items:
+                    return g
                 continue
             if self.reading is _BACKGROUND:
                 self.lead_request = time.monotonic()
@@ -1236,11 +1387,27 @@ class Receiver:
 
 
 _new_msg = object.__new__  # Msg is frozen: build it by its __dict__ (4x faster)
+_loads = pickle.loads
 _TAKE_CODE = Receiver._take.__code__
 
 
 #: A STATS answer is cut to fit this (a socket buffer holds it whole).
 _STATS_MAX = 48 * 1024
+
+
+def _spin_seconds() -> float:
+    """How long a receive() polls before it blocks: ``MPROC_SPIN_US`` µs, or the default."""
+    text = os.environ.get(ENV_SPIN, "")
+    if not text:
+        return _SPIN
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 10_000.0:  # NaN fails too
+        log.warning("%s=%r is not a number of microseconds in [0, 10000]: ignored", ENV_SPIN, text)
+        return _SPIN
+    return value / 1e6
 
 
 def _stats_json(stats: dict[str, Any]) -> bytes:

@@ -17,6 +17,7 @@ order holds across the reconnect.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import select
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from types import FrameType
 from typing import Any, Optional
 
@@ -48,6 +49,7 @@ __all__ = [
     "MAX_LINKS",
     "Link",
     "deliver",
+    "deliver_many",
     "deliver_reply",
     "forget_after_fork",
     "identity_of",
@@ -60,6 +62,7 @@ __all__ = [
 MAX_LINKS = 128
 _MAX_CREDIT = 1024  # receivers whose credit is remembered across connections
 _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
+_RUN_BYTES = 1 << 18  # deliver_many() writes at most about this much at once
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
@@ -69,7 +72,15 @@ _REPLY = wire.KIND_REPLY
 
 
 class _Retry(Exception):
-    """The link died under us before anything of this message was written."""
+    """The link died under us before anything of this message was written.
+
+    For a run of messages (:func:`deliver_many`), ``done`` of them were
+    written whole before it died: the receiver holds those.
+    """
+
+    def __init__(self, done: int = 0) -> None:
+        super().__init__(done)
+        self.done = done
 
 
 class Link:
@@ -199,6 +210,51 @@ def deliver(
             retried = True
 
 
+def deliver_many(
+    pid: int,
+    group: bytes,
+    payloads: Sequence[bytes],
+    timeout: float,
+    identity: Optional[str] = None,
+) -> None:
+    """Send pickled messages to ``pid``, in order, in as few writes as credit allows.
+
+    Returns when the receiver holds them all. Small messages go out
+    together, up to :data:`_RUN_BYTES` a write; a large one goes alone.
+
+    Raises:
+        As :func:`deliver`; the exception's ``delivered`` attribute says how
+        many of ``payloads`` (a prefix) the receiver surely holds.
+    """
+    deadline = time.monotonic() + timeout
+    done = 0
+    retried = False
+    try:
+        while done < len(payloads):
+            link, fresh = _get(pid, deadline, identity)
+            try:
+                done += _send_on(link, group, b"", deadline, timeout, run=(payloads, done))
+                retried = False
+            except _Retry as err:
+                done += err.done
+                if err.done:
+                    retried = False
+                elif fresh or retried:
+                    raise MailboxGone(
+                        f"the mailbox of PID {pid} went away while sending (group "
+                        f"{_show(group)}); {done} of {len(payloads)} messages were delivered",
+                        pid=pid,
+                        group=_show(group),
+                        path=link.path,
+                    ) from None
+                else:
+                    retried = True
+    except MprocError as err:
+        # Plus those a write that timed out had finished (it says how many).
+        err.delivered = done + getattr(err, "delivered", 0)  # type: ignore[attr-defined]
+        raise
+
+
 def deliver_reply(pid: int, call_id: int, body: bytes, timeout: float) -> None:
     """Send a REPLY frame (no credit: see :mod:`mproc._wire`) to the caller ``pid``.
 
@@ -297,7 +353,13 @@ def _send_on(
     timeout: float,
     kind: int = wire.KIND_MSG,
     number: int = -1,
-) -> None:
+    run: Optional[tuple[Sequence[bytes], int]] = None,
+) -> int:
+    """Write one message, waiting for credit; return 1.
+
+    With ``run=(payloads, start)``, write as many of ``payloads[start:]`` as
+    credit allows (at least one) instead, and return how many.
+    """
     if link.lock._is_owned():  # type: ignore[attr-defined]
         if _suspended_here(link):
             raise RuntimeError(
@@ -326,7 +388,7 @@ def _send_on(
                 raise _Retry
             if kind == _REPLY:
                 _write_msg(link, group, number, payload, deadline, timeout, kind)
-                return
+                return 1
             seq = link.seqs.get(group, 0)
             limit = link.limits.get(group, link.window)
             # Credit comes every half window: look for it now and then, and
@@ -334,9 +396,11 @@ def _send_on(
             if seq >= limit or (limit - seq <= link.window // 2 and not seq % 8):
                 _read_credits(link)
                 limit = link.limits.get(group, link.window)
+            if seq < limit and run is not None:
+                return _write_run(link, group, run, seq, limit - seq, deadline, timeout)
             if seq < limit:
                 _write_msg(link, group, seq, payload, deadline, timeout, kind)
-                return
+                return 1
         finally:
             # The first call of the clause; raises if this thread does not hold it.
             try:
@@ -400,6 +464,83 @@ def _write_msg(
         link.seqs[group] = seq + 1
     link.dirty = False
     link.close_if_retired()
+
+
+def _write_run(
+    link: Link,
+    group: bytes,
+    run: tuple[Sequence[bytes], int],
+    seq: int,
+    room: int,
+    deadline: float,
+    timeout: float,
+) -> int:
+    """Write the next messages of a run (lock held) in one go; return how many.
+
+    At most ``room`` (the credit left) and about :data:`_RUN_BYTES`; a
+    message of :data:`_SMALL_FRAME` bytes or more goes alone. On failure
+    the messages written whole count as sent (``_Retry.done``); the cut
+    one is not, and the link is left dirty.
+    """
+    payloads, start = run
+    first = payloads[start]
+    size = _HEAD_SIZE + len(group) + len(first)
+    if size > link.max_frame:
+        raise MessageError(
+            f"a message to PID {link.pid} (group {_show(group)!r}) is {size} bytes, over "
+            f"the receiver's {link.max_frame}-byte frame limit; it and the messages after "
+            "it were not sent",
+            pid=link.pid,
+            group=_show(group),
+        )
+    if size >= _SMALL_FRAME:
+        _write_msg(link, group, seq, first, deadline, timeout)
+        return 1
+    parts: list[bytes] = []
+    ends: list[int] = []  # where each message ends in the joined bytes
+    total = 0
+    glen = len(group)
+    for i in range(start, min(start + room, len(payloads))):
+        payload = payloads[i]
+        size = _HEAD_SIZE + glen + len(payload)
+        if size >= _SMALL_FRAME or size > link.max_frame:
+            break  # it goes alone, next time
+        parts.append(_SMALL_HEAD.pack(size, wire.KIND_MSG, glen, seq + len(ends)))
+        parts.append(group)
+        parts.append(payload)
+        total += size + 4
+        ends.append(total)
+        if total >= _RUN_BYTES:
+            break
+    data = memoryview(b"".join(parts))
+    wait = max(deadline - time.monotonic(), 0.001)
+    if abs(link.sndtimeo - wait) > 0.05:
+        _set_sndtimeo(link.sock, wait)
+        link.sndtimeo = wait
+    link.dirty = True
+    written = 0
+    try:
+        while written < total:
+            written += os.write(link.fd, data[written:])
+    except OSError as err:
+        whole = bisect.bisect_right(ends, written)
+        if whole:
+            link.seqs[group] = seq + whole
+        _retire(link)
+        if isinstance(err, BlockingIOError):  # SO_SNDTIMEO ran out
+            timed_out = MailboxTimeout(
+                f"the mailbox of PID {link.pid} did not read for {timeout:g} s (is it "
+                f"stopped?); {whole} of the {len(ends)} messages written were delivered",
+                pid=link.pid,
+                group=_show(group),
+            )
+            timed_out.delivered = whole  # type: ignore[attr-defined]
+            raise timed_out from err
+        raise _Retry(whole) from err
+    link.seqs[group] = seq + len(ends)
+    link.dirty = False
+    link.close_if_retired()
+    return len(ends)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -886,4 +1027,6 @@ def _suspended_here(link: Link) -> bool:
     return False
 
 
-_SEND_CODES = frozenset({_send_on.__code__, _fast_send.__code__, _write_msg.__code__})
+_SEND_CODES = frozenset(
+    {_send_on.__code__, _fast_send.__code__, _write_msg.__code__, _write_run.__code__}
+)

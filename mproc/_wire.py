@@ -49,7 +49,7 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 __all__ = [
     "CHALLENGE",
@@ -186,14 +186,21 @@ Frame = tuple[int, bytes, int, memoryview]
 
 
 def parse(
-    data: Buffer, max_frame: int, kinds: frozenset[int]
-) -> tuple[list[Frame], int, int, Optional[str]]:
+    data: Buffer,
+    max_frame: int,
+    kinds: frozenset[int],
+    tag: Optional[tuple[Any, Any]] = None,
+) -> tuple[list[Any], int, int, Optional[str]]:
     """Cut every complete frame out of ``data``.
 
     Args:
         data: bytes read from a stream, starting at a frame boundary.
         max_frame: frames whose length says more are refused.
         kinds: the kinds this direction may carry.
+        tag: ``(pid, peer)``: return each frame as the receiver's entry
+            ``(pid, payload, peer, group or None, number, kind)`` instead (the
+            group is ``None`` from :data:`FIRST_UNGROUPED` on), with no
+            :data:`Frame` tuple made in between.
 
     Returns:
         ``(frames, used, need, error)``: the complete frames; how many bytes of
@@ -205,11 +212,13 @@ def parse(
     view = memoryview(data)
     end = len(view)
     pos = 0
-    frames: list[Frame] = []
+    frames: list[Any] = []
     unpack = _SMALL.unpack_from
-    while end - pos >= _SMALL.size:
+    pid, peer = tag if tag is not None else (None, None)
+    small, head = _SMALL.size, HEAD.size  # locals: this loop runs once a frame
+    while end - pos >= small:
         size, kind, glen, number = unpack(view, pos)
-        prefix = LEN.size
+        prefix = 4  # LEN.size
         if size == -1:
             if end - pos < LEN.size + LEN64.size + HEAD.size:
                 return frames, pos, 0, None
@@ -218,13 +227,21 @@ def parse(
             kind, glen, number = HEAD.unpack_from(view, pos + prefix)
         if kind not in kinds:
             return frames, pos, 0, f"a frame of unknown kind {kind}"
-        if size < HEAD.size + glen or size > max_frame:
+        if size < head + glen or size > max_frame:
             return frames, pos, 0, f"a frame of {size} bytes (limit {max_frame})"
         stop = pos + prefix + size
         if stop > end:
             return frames, pos, stop - pos, None
-        start = pos + prefix + HEAD.size
-        frames.append((kind, bytes(view[start : start + glen]), number, view[start + glen : stop]))
+        start = pos + prefix + head
+        if tag is None:
+            frames.append(
+                (kind, bytes(view[start : start + glen]), number, view[start + glen : stop])
+            )
+        elif kind < FIRST_UNGROUPED:
+            group = bytes(view[start : start + glen]) if glen else b""
+            frames.append((pid, view[start + glen : stop], peer, group, number, kind))
+        else:
+            frames.append((pid, view[start + glen : stop], peer, None, number, kind))
         pos = stop
     return frames, pos, 0, None
 
