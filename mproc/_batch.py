@@ -96,9 +96,12 @@ class Batch:
     def send(self, obj: Any) -> None:
         """Pickle ``obj`` and keep it for the next flush (flushing first if the batch is full).
 
+        A ``send()`` that raised kept nothing: retrying it sends ``obj`` once.
+
         Raises:
             MessageError: ``obj`` cannot be pickled; nothing was kept.
-            Whatever :meth:`flush` raises, when the batch was full.
+            Whatever :meth:`flush` raises, when the batch was full (``obj``
+            was not kept).
         """
         try:
             payload = _mailbox._dumps(obj)
@@ -106,10 +109,12 @@ class Batch:
             raise MessageError(
                 f"{err} (to {self._target!r}, group {self.group!r})", group=self.group
             ) from err.__cause__
+        if self._held and (
+            self._bytes + len(payload) > self._max_bytes or len(self._held) >= self._max_messages
+        ):
+            self.flush()
         self._held.append(payload)
         self._bytes += len(payload)
-        if self._bytes >= self._max_bytes or len(self._held) >= self._max_messages:
-            self.flush()
 
     def flush(self) -> None:
         """Send every message held; return when the receiver holds them all.
@@ -119,9 +124,13 @@ class Batch:
             says how many of the held messages (the first ones) the receiver
             holds; the batch keeps the others, so calling ``flush()`` again
             sends them (after the cause is fixed), and never sends one twice.
-            An interrupt (``KeyboardInterrupt``) in the middle of a write can
-            leave it unknown whether the messages of that write arrived: the
-            batch then drops what it held rather than risk sending it twice.
+            A message over the receiver's frame limit is dropped from the
+            batch (:class:`MessageError` says so), as one that cannot be
+            pickled is never kept. An interrupt (``KeyboardInterrupt``) while
+            waiting (for the mailbox, for credit) keeps what was not sent; one
+            in the middle of a write leaves it unknown whether the messages of
+            that write arrived: the batch drops those (never sends one twice)
+            and keeps the rest.
         """
         held = self._held
         if not held:
@@ -130,20 +139,32 @@ class Batch:
         pid, identity = _mailbox._resolve(self._target, "Batch.flush", deadline)
         if pid == _mailbox._state.pid:
             _mailbox._ensure_open()
-        self._held, self._bytes = [], 0  # an interrupt from here on drops them
+        # (delivered, in flight): stored whole by the sender after each write.
+        progress: list[tuple[int, int]] = [(0, 0)]
         try:
             _sender.deliver_many(
-                pid, self._raw, held, max(deadline - time.monotonic(), 0.001), identity
+                pid, self._raw, held, max(deadline - time.monotonic(), 0.001), identity, progress
             )
+            self._keep(held, len(held), 0)
         except MprocError as err:
             done = int(getattr(err, "delivered", 0))
-            self.sent += done
-            self._held = held[done:] + self._held
-            self._bytes = sum(map(len, self._held))
+            if isinstance(err, MessageError) and done < len(held):
+                self._keep(held, done, 1)  # the message over the frame limit: dropped
+            else:
+                self._keep(held, done, 0)
             if isinstance(err, MailboxError) and err.group is None:
                 err.group = self.group
             raise
-        self.sent += len(held)
+        except BaseException:
+            done, in_flight = progress[0]
+            self._keep(held, done, in_flight)
+            raise
+
+    def _keep(self, held: list[bytes], done: int, dropped: int) -> None:
+        """After a flush of ``held``: ``done`` delivered, the next ``dropped`` given up."""
+        self._held = held[done + dropped :]  # one store: the batch's state
+        self._bytes = sum(map(len, self._held))
+        self.sent += done
 
     def close(self) -> None:
         """Flush (see :meth:`flush`)."""

@@ -39,6 +39,7 @@ BIG_FRAME = 1 << 20
 _MSG_KINDS = wire.TO_RECEIVER
 _UNGROUPED = wire.FIRST_UNGROUPED  # REPLY, STATS: no group (raw None in the entry)
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
+_SLICE = 64  # frames cut out (and published) at a time: ~6 000 bytecodes
 
 #: A parsed message: (sender pid, payload, peer, raw group, seq, kind). A
 #: REPLY's (or STATS request's) raw group is ``None`` (it goes to its call, never to a group); a
@@ -194,10 +195,21 @@ class Peer:
                     return ""
         if inp.need and sum(map(len, chunks)) < inp.need:
             return ""  # the rest of a large frame has not arrived yet
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        entries, used, need, bad = wire.parse(data, max_frame, _MSG_KINDS, (self.pid, self))
-        if not entries and not bad and len(chunks) == 1 and need == inp.need:
-            return ""
+        while True:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            entries, used, need, bad = wire.parse(
+                data, max_frame, _MSG_KINDS, (self.pid, self), _SLICE
+            )
+            if not entries and not bad and len(chunks) == 1 and need == inp.need:
+                return ""
+            if len(entries) < _SLICE or bad or used == len(data):
+                break
+            # A slice at a time, each published by one store: however often
+            # signal handlers interrupt, every pass makes progress.
+            pending = deque(inp.pending)
+            pending.extend(entries)
+            self.inp = inp = Input(deque((bytes(data[used:]),)), pending, 0)
+            chunks = inp.chunks
         rest = bytes(data[used:]) if used < len(data) and not bad else b""
         pending = inp.pending
         if entries:

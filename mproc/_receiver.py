@@ -317,12 +317,12 @@ class Receiver:
             or self.unsent
         ):
             timeout = self._catch_up(timeout)
-        events = self.epoll.poll(0.0 if spin and self.spin else -1 if timeout is None else timeout)
-        if not events and timeout != 0.0:
-            if spin and self.spin:
+        if spin and self.spin:
+            events = self.epoll.poll(0.0)
+            if not events and timeout != 0.0:
                 events = self._spin(timeout)
-            else:
-                events = self.epoll.poll(-1 if timeout is None else timeout)
+        else:
+            events = self.epoll.poll(-1 if timeout is None else timeout)
         handled = 0
         for fd, mask in events:
             peer = self.peers.get(fd)
@@ -764,6 +764,10 @@ class Receiver:
                         self._grant(now, g.raw)
                     g.starved.pop(peer, None)
             self.starving.popleft()
+            if g.starved and len(g.queue) < self.max_queue and g not in self.starving:
+                # A receive() made room while g was still listed (so it did
+                # not list it again): grant on the next round.
+                self.starving.append(g)
 
     # ---------------------------------------------------------------- dropping
 
@@ -893,8 +897,10 @@ class Receiver:
                 # error, _to_msg() does it all again, the careful way).
                 try:
                     data = _loads(entry[1])
-                except Exception:
-                    return self._to_msg(g, slot, group)
+                except Exception as err:
+                    if not _unpicklable(entry[1], err):
+                        raise  # a signal handler's: the message goes back (below)
+                    return self._to_msg(g, slot, group)  # MessageError, the careful way
                 msg = _new_msg(Msg)
                 msg.__dict__.update(
                     sender_pid=entry[0], receiver_pid=self.pid, group=group, data=data
@@ -917,7 +923,9 @@ class Receiver:
         """
         sender, payload, _peer, _raw, _seq, kind = slot[0]
         if g.starved and len(g.queue) < self.max_queue and g not in self.starving:
-            self.starving.append(g)  # the reader grants them credit again
+            # Once: the reader grants them credit again (and looks again after
+            # taking g off the list, for a receive() that came meanwhile).
+            self.starving.append(g)
             self.wakeup.wake()
         ref = None
         if kind == _CALL:

@@ -216,11 +216,17 @@ def deliver_many(
     payloads: Sequence[bytes],
     timeout: float,
     identity: Optional[str] = None,
+    progress: Optional[list[tuple[int, int]]] = None,
 ) -> None:
     """Send pickled messages to ``pid``, in order, in as few writes as credit allows.
 
     Returns when the receiver holds them all. Small messages go out
     together, up to :data:`_RUN_BYTES` a write; a large one goes alone.
+
+    ``progress[0]``, if given, is ``(delivered, in flight)`` at every moment,
+    stored whole: how many of ``payloads`` (a prefix) the receiver holds, and
+    how many after those a write in progress carries (an interrupt there
+    leaves them unknown).
 
     Raises:
         As :func:`deliver`; the exception's ``delivered`` attribute says how
@@ -229,11 +235,15 @@ def deliver_many(
     deadline = time.monotonic() + timeout
     done = 0
     retried = False
+    if progress is None:
+        progress = [(0, 0)]
     try:
         while done < len(payloads):
             link, fresh = _get(pid, deadline, identity)
             try:
-                done += _send_on(link, group, b"", deadline, timeout, run=(payloads, done))
+                done += _send_on(
+                    link, group, b"", deadline, timeout, run=(payloads, done, progress)
+                )
                 retried = False
             except _Retry as err:
                 done += err.done
@@ -353,12 +363,13 @@ def _send_on(
     timeout: float,
     kind: int = wire.KIND_MSG,
     number: int = -1,
-    run: Optional[tuple[Sequence[bytes], int]] = None,
+    run: Optional[tuple[Sequence[bytes], int, list[tuple[int, int]]]] = None,
 ) -> int:
     """Write one message, waiting for credit; return 1.
 
-    With ``run=(payloads, start)``, write as many of ``payloads[start:]`` as
-    credit allows (at least one) instead, and return how many.
+    With ``run=(payloads, start, progress)``, write as many of
+    ``payloads[start:]`` as credit allows (at least one) instead, and return
+    how many (see :func:`deliver_many` for ``progress``).
     """
     if link.lock._is_owned():  # type: ignore[attr-defined]
         if _suspended_here(link):
@@ -469,7 +480,7 @@ def _write_msg(
 def _write_run(
     link: Link,
     group: bytes,
-    run: tuple[Sequence[bytes], int],
+    run: tuple[Sequence[bytes], int, list[tuple[int, int]]],
     seq: int,
     room: int,
     deadline: float,
@@ -482,7 +493,7 @@ def _write_run(
     the messages written whole count as sent (``_Retry.done``); the cut
     one is not, and the link is left dirty.
     """
-    payloads, start = run
+    payloads, start, progress = run
     first = payloads[start]
     size = _HEAD_SIZE + len(group) + len(first)
     if size > link.max_frame:
@@ -494,7 +505,9 @@ def _write_run(
             group=_show(group),
         )
     if size >= _SMALL_FRAME:
+        progress[0] = (start, 1)
         _write_msg(link, group, seq, first, deadline, timeout)
+        progress[0] = (start + 1, 0)
         return 1
     parts: list[bytes] = []
     ends: list[int] = []  # where each message ends in the joined bytes
@@ -518,6 +531,7 @@ def _write_run(
         _set_sndtimeo(link.sock, wait)
         link.sndtimeo = wait
     link.dirty = True
+    progress[0] = (start, len(ends))
     written = 0
     try:
         while written < total:
@@ -526,6 +540,7 @@ def _write_run(
         whole = bisect.bisect_right(ends, written)
         if whole:
             link.seqs[group] = seq + whole
+        progress[0] = (start + whole, 0)
         _retire(link)
         if isinstance(err, BlockingIOError):  # SO_SNDTIMEO ran out
             timed_out = MailboxTimeout(
@@ -538,6 +553,7 @@ def _write_run(
             raise timed_out from err
         raise _Retry(whole) from err
     link.seqs[group] = seq + len(ends)
+    progress[0] = (start + len(ends), 0)
     link.dirty = False
     link.close_if_retired()
     return len(ends)

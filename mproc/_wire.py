@@ -190,6 +190,7 @@ def parse(
     max_frame: int,
     kinds: frozenset[int],
     tag: Optional[tuple[Any, Any]] = None,
+    limit: int = 1 << 62,
 ) -> tuple[list[Any], int, int, Optional[str]]:
     """Cut every complete frame out of ``data``.
 
@@ -201,6 +202,8 @@ def parse(
             ``(pid, payload, peer, group or None, number, kind)`` instead (the
             group is ``None`` from :data:`FIRST_UNGROUPED` on), with no
             :data:`Frame` tuple made in between.
+        limit: cut at most this many frames (the rest stays in ``data``,
+            after ``used``).
 
     Returns:
         ``(frames, used, need, error)``: the complete frames; how many bytes of
@@ -216,7 +219,8 @@ def parse(
     unpack = _SMALL.unpack_from
     pid, peer = tag if tag is not None else (None, None)
     small, head = _SMALL.size, HEAD.size  # locals: this loop runs once a frame
-    while end - pos >= small:
+    while end - pos >= small and limit:
+        limit -= 1
         size, kind, glen, number = unpack(view, pos)
         prefix = 4  # LEN.size
         if size == -1:
