@@ -206,7 +206,7 @@ def send(
     pid = _check.pid(pid, "send")
     raw = _check.group(group, "send")
     wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
-    payload = _dumps_for(obj, pid, group)
+    payload = _dumps_for(obj, pid, group, bulk=True)  # big buffers out of band (mproc._bulk)
     try:
         if pid == _state.pid:
             _ensure_open()  # nobody else would open it (also in a freshly forked child)
@@ -225,9 +225,9 @@ def send(
             payload.close()  # its memfd (mproc._bulk): one C call, first in the clause
 
 
-def _dumps_for(obj: Any, pid: int, group: str) -> Any:
+def _dumps_for(obj: Any, pid: int, group: str, bulk: bool = False) -> Any:
     try:
-        return _dumps(obj, bulk=True)
+        return _dumps(obj, bulk)
     except MessageError as err:
         raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
             err.__cause__

@@ -1236,6 +1236,8 @@ class Receiver:
         """Drop the parent's mailbox in a forked child without touching the parent's."""
         self.admission.forget_after_fork()
         for peer in list(self.peers.values()) + list(self.new_peers) + list(self.dying):
+            if peer.bulk is not None:
+                peer.bulk.close()  # our copies of the descriptors it received
             peer.sock.close()
         for peer in list(self.by_pid.values()):
             nxt = peer.successor
