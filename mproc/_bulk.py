@@ -4,12 +4,14 @@ Pickle protocol 5 hands every :class:`pickle.PickleBuffer` (a numpy array's
 memory, at any depth; a big ``bytes`` or ``bytearray`` sent as the message
 itself, through :class:`_AsBuffer`) to a ``buffer_callback``. (The C pickler
 writes a ``bytes`` or ``bytearray`` inside a container itself, before any
-``reducer_override`` or dispatch table could see it: those stay in band.) Those of at least
-:data:`THRESHOLD` bytes are written, one after the other, into one memfd
+``reducer_override`` or dispatch table could see it: those stay in band.)
+Those of at least :data:`THRESHOLD` bytes are written, one after the other, into one memfd
 (``memfd_create``), which is then sealed against any change (shrink, grow,
 write, new seals) and passed with the frame by ``SCM_RIGHTS``. The receiver
 checks it, maps it ``MAP_PRIVATE`` (copy on write: a received numpy array is
-writable, as a pickled one is), closes the descriptor at once and rebuilds
+writable, as a pickled one is), closes the descriptor at once (but before
+Python 3.13, ``mmap`` keeps a duplicate of it while the mapping lives: a
+received message holds one descriptor until its buffers are gone) and rebuilds
 the object over the mapping: a numpy array is not copied at all, a
 ``bytes``/``bytearray`` once (it must own its memory).
 
@@ -26,8 +28,9 @@ may carry them must be read with ``recvmsg`` (about 0.5 µs more per read).
 Only a connection whose sender's HELLO has :data:`~mproc._wire.HELLO_BULK`
 is read that way: a sender opens such a connection the first time it sends
 out-of-band buffers to a process (closing its plain one: the receiver reads
-the new one after the old one ended, so order holds), and keeps it. Small
-messages between processes that never send bulk keep ``os.read``.
+the new one after the old one ended, so order holds), and uses it for every
+message while it lasts. Small messages between processes that never send
+bulk keep ``os.read``.
 
 **Fallback.** No ``os.memfd_create``, or it (or writing, or sealing) fails
 (EMFILE, ENOMEM, a seccomp filter): the message is pickled in-band, as
@@ -39,7 +42,9 @@ does, a pipe or ``/dev/zero``, an unsealed or writable memfd (it could
 shrink it under our mapping: ``SIGBUS``), one of the wrong size, more than
 fit (``MSG_CTRUNC``), or thousands of them. Each of these drops that
 connection (logged like any bad frame); every descriptor received on it is
-closed, and at most one frame's descriptor is ever held.
+closed. A connection holds at most one frame's descriptor once its frames
+are bound (two for a moment, if an interrupt came between a read and the
+binding of the frame it completed).
 
 **Signal safety**, as in :mod:`mproc._reader`: every change is one C call
 or one store. ``recvmsg`` results are recorded whole by ``deque.extend``;
@@ -62,6 +67,7 @@ import os
 import pickle
 import socket
 import stat
+import sys
 from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -101,6 +107,10 @@ _CHUNK = 1 << 16  # bytes per recvmsg, as _reader reads
 # and what does not fit is closed by the kernel (MSG_CTRUNC).
 _CONTROL = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _MAX_HELD = 1  # descriptors waiting for their frame's last byte
+# Python < 3.13's mmap keeps a dup of the descriptor for its whole life
+# (trackfd=False, 3.13, does not): there, a received bulk message holds one
+# descriptor until its last buffer is gone.
+_UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _SINK: Callable[[Any], None] = deque(maxlen=0).extend  # runs an iterator to its end, in C
 _END = object()
 
@@ -380,6 +390,7 @@ class Inbox:
                     total,
                     flags=mmap.MAP_PRIVATE,
                     prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    **_UNTRACKED,
                 )
             except (OSError, ValueError) as err:
                 return f"sent a memfd that cannot be mapped ({err})"
