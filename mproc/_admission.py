@@ -59,7 +59,7 @@ class Admission:
         key: bytes,
         path: str,
         hello: bytes,
-        on_admit: Callable[[socket.socket, int, int, bool], bool],
+        on_admit: Callable[[socket.socket, int, int, int], bool],
         handshake_timeout: Optional[float] = None,
     ) -> None:
         self.listener = listener
@@ -266,17 +266,17 @@ class Admission:
                 _try_send(sock, self.hello)  # so it can name our version, too
                 self._refuse(p, str(err))
                 return False
-            self._admitted(p, session, bool(flags & wire.HELLO_CONTROL))
+            self._admitted(p, session, flags)
             return False
         return True
 
-    def _admitted(self, p: _Pending, session: int, control: bool) -> None:
+    def _admitted(self, p: _Pending, session: int, flags: int) -> None:
         self.selector.unregister(p.sock)
         del self.pending[p.sock.fileno()]
         # The reader sends our HELLO once it knows the peer: whatever the peer
         # then sends, the next receive() finds, and the HELLO comes before any
         # CREDIT the reader sends on the connection.
-        if not self.on_admit(p.sock, p.pid, session, control):
+        if not self.on_admit(p.sock, p.pid, session, flags):
             p.sock.close()
 
     def _refuse(self, p: _Pending, why: str) -> None:

@@ -13,22 +13,25 @@ and the sender's connections (``mproc._sender``).
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import pickle
 import re
 import threading
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Optional, Union
 
 import cloudpickle
 
-from . import _check, _names, _sender
+from . import _bulk, _check, _names, _sender
 from . import _runtime as rt
 from ._calls import call, serve
 from ._errors import MailboxError, MessageError, MprocError, NameNotFound, NoSuchProcess
 from ._log import logger as log
 from ._receiver import Msg, Receiver
+from ._signals import raised_by_handler
 
 __all__ = [
     "Msg",
@@ -55,31 +58,53 @@ _BY_VALUE: Any = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_
 # ---------------------------------------------------------------- pickling
 
 
-def _dumps(obj: Any) -> bytes:
+def _dumps(obj: Any, bulk: bool = False) -> Any:
     """Pickle ``obj`` so that an unrelated process can rebuild it.
 
     Plain pickle is ~3x faster than cloudpickle but refers to functions and
     classes by name; that breaks for lambdas, closures and anything defined in
     ``__main__`` (the receiver's ``__main__`` is another module). So plain
     pickle is used only when it succeeds and names nothing in ``__main__``.
+
+    ``bulk``: the caller can send a :class:`~mproc._bulk.Bulk` (big buffers
+    out of band, in a memfd), returned when there are any: a big ``bytes``
+    or ``bytearray``, or objects with big pickle-5 buffers (numpy arrays).
+    A builtin container is pickled in band first (fast for small ones) and
+    again with its buffers apart only if it came out big and holds other
+    objects than builtin ones (see :func:`_may_hold_buffers`).
     """
     if type(obj) in _PLAIN:
+        if bulk and type(obj) in _BUFFERS and len(obj) >= _bulk.THRESHOLD:
+            return _bulk.dumps_buffer(obj, partial(_dumps, obj))
         # Nothing in these can name __main__: skip the scan (a 64 MiB bytes
         # costs two 30 ms scans otherwise).
         return pickle.dumps(obj, protocol=5)
     data: Optional[bytes] = None
     if not _BY_VALUE:
         try:
-            data = pickle.dumps(obj, protocol=5)
+            found = None
+            if bulk and type(obj) not in _CONTAINERS:  # a numpy array, say (mproc._bulk)
+                found = _bulk.dumps(obj, pickle.dumps, partial(_dumps, obj))
+                data = found.pickle if found is not None else None
+            if data is None:
+                data = pickle.dumps(obj, protocol=5)
+                if bulk and len(data) >= _bulk.THRESHOLD and _may_hold_buffers(obj):
+                    found = _bulk.dumps(obj, pickle.dumps, partial(_dumps, obj))
         except Exception as err:  # lambdas, local classes...: cloudpickle handles them
             _raise_if_from_outside(pickle.dumps, obj, err)
-            data = None
+            data = found = None
         if data is not None and (
             _names_main(data) if len(data) < 2048 else b"__main__" in data or b"__mp_main__" in data
         ):
-            data = None
+            data = found = None
+        if found is not None:
+            return found
     if data is None:
         try:
+            if bulk:
+                found = _bulk.dumps(obj, cloudpickle.dumps, partial(_dumps, obj))
+                if found is not None:
+                    return found
             data = cloudpickle.dumps(obj, protocol=5)
         except Exception as err:
             _raise_if_from_outside(cloudpickle.dumps, obj, err)
@@ -89,18 +114,46 @@ def _dumps(obj: Any) -> bytes:
     return data
 
 
+def _may_hold_buffers(obj: Any, budget: int = 64) -> bool:
+    """Whether a builtin container may hold objects with pickle-5 buffers (numpy arrays).
+
+    Looks at no more than ``budget`` objects, depth first: what it has not
+    seen is assumed to be like what it saw (a long list of numbers holds none).
+    """
+    stack = [obj]
+    while stack and budget > 0:
+        item = stack.pop()
+        budget -= 1
+        kind = type(item)
+        if kind is dict:
+            stack.extend(itertools.islice(item.values(), budget))
+        elif kind in _CONTAINERS:
+            stack.extend(itertools.islice(item, budget))
+        elif kind not in _PLAIN:
+            return True
+    return False
+
+
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+_BUFFERS = (bytes, bytearray)
+
+
 def _raise_if_from_outside(dumps: Any, obj: Any, err: Exception) -> None:
     """Re-raise ``err`` if it did not come from pickling ``obj`` itself.
 
     A signal handler's exception raised while the pickler ran Python code
     looks the same as the object's own failure: pickle once more; failing
     alike (same type) is the object's fault, working now means ``err`` came
-    from outside and must propagate as it is (SPEC §5 Interrupts).
+    from outside and must propagate as it is (SPEC §5 Interrupts), as does
+    one raised in a signal handler (its frame is in the traceback: a big
+    object pickles for longer than a storm's period, and fails alike twice).
     """
+    if raised_by_handler(err):
+        raise err
     try:
         dumps(obj, protocol=5)
     except Exception as again:
-        if type(again) is type(err):
+        if type(again) is type(err) and not raised_by_handler(again):
             return
     raise err
 
@@ -156,10 +209,16 @@ def send(
         # before, a connection with credit to spare (else the general way).
         raw = _known_groups.get(group)
         if raw is not None:
-            payload = _dumps_for(obj, pid, group)
-            link = _sender._links.by_pid.get(pid)
-            if link is None or not _sender._fast_send(link, raw, payload):
+            payload = _dumps_for(obj, pid, group, bulk=True)
+            if payload.__class__ is bytes:
+                link = _sender._links.by_pid.get(pid)
+                if link is None or not _sender._fast_send(link, raw, payload):
+                    _deliver(pid, raw, payload, group, rt.DEFAULT_TIMEOUT)
+                return
+            try:
                 _deliver(pid, raw, payload, group, rt.DEFAULT_TIMEOUT)
+            finally:
+                payload.close()  # its memfd (mproc._bulk): one C call, first in the clause
             return
     name = identity = None
     if isinstance(pid, str):
@@ -171,20 +230,23 @@ def send(
     pid = _check.pid(pid, "send")
     raw = _check.group(group, "send")
     wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
-    payload = _dumps_for(obj, pid, group)
-    if pid == _state.pid:
-        _ensure_open()  # nobody else would open it (also in a freshly forked child)
+    payload = _dumps_for(obj, pid, group, bulk=True)  # big buffers out of band (mproc._bulk)
     try:
+        if pid == _state.pid:
+            _ensure_open()  # nobody else would open it (also in a freshly forked child)
         # For a name, only the very holder: never a process that took its PID.
         _deliver(pid, raw, payload, group, wait, identity)
     except NoSuchProcess:
         if name is None:
             raise
         _send_named(name, obj, group, timeout)  # its holder exited: wait for the next
+    finally:
+        if payload.__class__ is not bytes:
+            payload.close()  # its memfd (mproc._bulk): one C call, first in the clause
 
 
 def _deliver(
-    pid: int, raw: bytes, payload: bytes, group: str, wait: float, identity: Optional[str] = None
+    pid: int, raw: bytes, payload: Any, group: str, wait: float, identity: Optional[str] = None
 ) -> None:
     try:
         _sender.deliver(pid, raw, payload, wait, identity=identity)
@@ -194,9 +256,9 @@ def _deliver(
         raise
 
 
-def _dumps_for(obj: Any, pid: int, group: str) -> bytes:
+def _dumps_for(obj: Any, pid: int, group: str, bulk: bool = False) -> Any:
     try:
-        return _dumps(obj)
+        return _dumps(obj, bulk)
     except MessageError as err:
         raise MessageError(f"{err} (to PID {pid}, group {group!r})", pid=pid, group=group) from (
             err.__cause__
@@ -264,18 +326,22 @@ def send_many(
     """
     raw = _check.group(group, "send")
     wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
-    payload = _dumps(obj)
+    payload = _dumps(obj, bulk=True)
     failures: dict[int, Exception] = {}
-    for pid in pids:
-        try:
-            _check.pid(pid, "send")
-            if pid == _state.pid:
-                _ensure_open()
-            _sender.deliver(pid, raw, payload, wait)
-        except (MprocError, OSError, TypeError, ValueError) as err:
-            if isinstance(err, MailboxError) and err.group is None:
-                err.group = group
-            failures[pid] = err
+    try:
+        for pid in pids:
+            try:
+                _check.pid(pid, "send")
+                if pid == _state.pid:
+                    _ensure_open()
+                _sender.deliver(pid, raw, payload, wait)
+            except (MprocError, OSError, TypeError, ValueError) as err:
+                if isinstance(err, MailboxError) and err.group is None:
+                    err.group = group
+                failures[pid] = err
+    finally:
+        if payload.__class__ is not bytes:
+            payload.close()  # one memfd for every receiver (mproc._bulk)
     return failures
 
 

@@ -11,7 +11,10 @@ next reader continues from:
   store of a new :class:`Input` (the old one is left whole until then);
 * a frame over :data:`BIG_FRAME` bytes is read into an anonymous mapping of
   its own, grown with ``mremap`` as bytes arrive (memory follows bytes, one
-  copy), each ``readv`` count recorded by ``extend(map(...))`` in C.
+  copy), each ``readv`` count recorded by ``extend(map(...))`` in C;
+* a connection that may carry file descriptors (its HELLO had
+  ``HELLO_BULK``) is read with ``recvmsg`` by its :attr:`Peer.bulk`
+  (:class:`mproc._bulk.Inbox`), under the same rules.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ _CHUNK = 1 << 16
 BIG_FRAME = 1 << 20
 _MSG_KINDS = wire.TO_RECEIVER
 _UNGROUPED = wire.FIRST_UNGROUPED  # REPLY, STATS: no group (raw None in the entry)
+_BULK = wire.KIND_BULK  # ...but BULK has one (mproc._bulk)
 _SMALL = struct.Struct("!iBHQ")  # a short frame's length and head
 _SLICE = 64  # frames cut out (and published) at a time: ~6 000 bytecodes
 
@@ -89,6 +93,7 @@ class Peer:
 
     __slots__ = (
         "active",
+        "bulk",
         "control",
         "dead",
         "fd",
@@ -119,6 +124,7 @@ class Peer:
         # extending a deque from it records every byte read in C.
         self.reader = iter(partial(os.read, self.fd, _CHUNK), None)
         self.inp = Input(deque(), deque(), 0)
+        self.bulk: Any = None  # an fd-carrying connection's mproc._bulk.Inbox (read by recvmsg)
         self.last_seq: dict[bytes, int] = {}  # group -> highest seq routed
         self.granted: dict[bytes, int] = {}  # group -> the limit granted (recorded first)
         self.sent: dict[bytes, int] = {}  # group -> the largest limit written to it
@@ -138,7 +144,10 @@ class Peer:
         big = inp.big
         try:
             if big is None:
-                inp.chunks.extend(itertools.islice(self.reader, 1))
+                if self.bulk is None:
+                    inp.chunks.extend(itertools.islice(self.reader, 1))
+                else:  # descriptors may come with the bytes (mproc._bulk)
+                    self.bulk.read(self)
             else:
                 filled = sum(big.counts)
                 cap = len(big.mm)
@@ -189,7 +198,9 @@ class Peer:
                     and kind in _MSG_KINDS
                     and wire.HEAD.size + glen <= size <= max_frame
                 ):
-                    group = data[_SMALL.size : start] if kind < _UNGROUPED else None
+                    group = (
+                        data[_SMALL.size : start] if kind < _UNGROUPED or kind == _BULK else None
+                    )
                     entry = (self.pid, memoryview(data)[start:], self, group, seq, kind)
                     self.inp = Input(deque(), deque((entry,)), 0)  # one store commits it
                     return ""
@@ -237,6 +248,7 @@ class Peer:
             return f"sent {bad or 'a large frame that does not parse'}"
         kind, group, seq, payload = frames[0]
         pending = deque(inp.pending)
-        pending.append((self.pid, payload, self, group if kind < _UNGROUPED else None, seq, kind))
+        grouped = kind < _UNGROUPED or kind == _BULK
+        pending.append((self.pid, payload, self, group if grouped else None, seq, kind))
         self.inp = Input(deque(), pending, 0)  # one store commits it
         return ""

@@ -51,6 +51,7 @@ from collections import deque
 from types import FrameType
 from typing import Any, Optional
 
+from . import _bulk
 from . import _runtime as rt
 from . import _wire as wire
 from ._admission import Admission
@@ -59,6 +60,7 @@ from ._errors import MailboxClosed, MailboxError, MailboxGone, MessageError, Rec
 from ._log import logger as log
 from ._queues import NOTHING, Group, Msg
 from ._reader import KIND_LOCAL, Entry, Input, Peer
+from ._signals import raised_by_handler
 from ._wakeup import Wakeup
 
 __all__ = ["Msg", "Reading", "Receiver"]
@@ -77,6 +79,7 @@ _KEEP_GROUPS = 64  # idle groups are forgotten only when there are more than thi
 _PRUNE_EVERY = 1.0  # ...at most this often
 _KEEP_CREDIT = 256  # sending processes whose credit is kept before the dead are forgotten
 _CALL = wire.KIND_CALL
+_BULK = wire.KIND_BULK
 _REPLY = wire.KIND_REPLY
 _STATS_REPLY = wire.KIND_STATS_REPLY
 _CALL_HEAD = wire.CALL_HEAD
@@ -215,7 +218,7 @@ class Receiver:
 
     # ---------------------------------------------------------------- admission
 
-    def _on_admit(self, sock: socket.socket, pid: int, session: int, control: bool) -> bool:
+    def _on_admit(self, sock: socket.socket, pid: int, session: int, flags: int) -> bool:
         """Take an admitted peer (admission thread); the reader picks it up at once.
 
         Our HELLO goes out after the peer is queued for the reader (whatever it
@@ -226,7 +229,9 @@ class Receiver:
         """
         if self.closed:
             return False
-        peer = Peer(sock, pid, session, control)
+        peer = Peer(sock, pid, session, bool(flags & wire.HELLO_CONTROL))
+        if flags & wire.HELLO_BULK:
+            _bulk.attach(peer)  # it may send file descriptors: read it with recvmsg
         with peer.greeting:  # the reader waits for it if it finds the peer first
             self.new_peers.append(peer)
             try:
@@ -410,7 +415,13 @@ class Receiver:
         goes the general way from where this left it.
         """
         inp = peer.inp
-        if inp.chunks or inp.pending or inp.big is not None or peer.control:
+        if (
+            inp.chunks
+            or inp.pending
+            or inp.big is not None
+            or peer.control
+            or peer.bulk is not None  # it may send descriptors: read with recvmsg
+        ):
             self._on_readable(peer)
             return
         self.unfinished[peer] = None
@@ -488,6 +499,8 @@ class Receiver:
             return
         eof = peer.at_eof()
         bad = peer.parse(self.max_frame)
+        if peer.bulk is not None and not bad:  # map the memfds of BULK frames (mproc._bulk)
+            bad = peer.bulk.bind(peer, self.max_frame)
         inp = peer.inp
         if inp.chunks or inp.big is not None:  # in the middle of a frame
             self.partial[peer] = None
@@ -800,6 +813,8 @@ class Receiver:
                     del self.by_pid[peer.pid]
                 else:
                     self._activate(nxt)
+            if peer.bulk is not None:
+                peer.bulk.close()  # descriptors received and not yet mapped
             peer.sock.close()
             self.dying.popleft()
 
@@ -932,10 +947,11 @@ class Receiver:
             call_id, epoch = _CALL_HEAD.unpack_from(payload)
             ref = CallRef(sender, call_id, epoch)
             payload = payload[_CALL_HEAD.size :]
+        loads = pickle.loads if kind != _BULK else _bulk.loads  # out-of-band buffers
         try:
-            data = pickle.loads(payload)
+            data = loads(payload)
         except Exception as err:
-            if not _unpicklable(payload, err):
+            if not _unpicklable(payload, err, loads):
                 raise  # a signal handler's: the message goes back (below)
             slot.clear()  # SPEC: that message is consumed; the next works
             problem = MessageError(
@@ -1315,6 +1331,8 @@ class Receiver:
             if got:
                 self._refuse_calls()
             self._close_peers()
+            for g in list(self.groups.values()):  # unmap what nobody will receive (mproc._bulk)
+                _bulk.discard(list(g.queue))
             self.epoll.close()
             self.wakeup.close()
         finally:
@@ -1372,6 +1390,8 @@ class Receiver:
                 nxt = nxt.successor
         for peer in seen:
             peer.dead = True
+            if peer.bulk is not None:
+                peer.bulk.close()
             peer.sock.close()
         self.peers.clear()
         self.by_pid.clear()
@@ -1381,6 +1401,8 @@ class Receiver:
         """Drop the parent's mailbox in a forked child without touching the parent's."""
         self.admission.forget_after_fork()
         for peer in list(self.peers.values()) + list(self.new_peers) + list(self.dying):
+            if peer.bulk is not None:
+                peer.bulk.close()  # our copies of the descriptors it received
             peer.sock.close()
         for peer in list(self.by_pid.values()):
             nxt = peer.successor
@@ -1448,19 +1470,24 @@ def _shown(text: str) -> str:
     return text if len(text) <= _NAME_SHOWN else text[: _NAME_SHOWN - 1] + "\u2026"
 
 
-def _unpicklable(payload: Any, err: Exception) -> bool:
+def _unpicklable(payload: Any, err: Exception, loads: Any = pickle.loads) -> bool:
     """Whether ``err`` from unpickling ``payload`` is the message's fault.
 
     A signal handler's exception raised while the unpickler ran Python code
     looks the same. So try once more: failing again alike is the message's
     fault (it is consumed, MessageError; the text may differ, e.g. it names a
     request id); working now means the first failure came from outside (the
-    message is kept and the exception propagates).
+    message is kept and the exception propagates). An exception raised in a
+    signal handler (its frame in the traceback) is never the message's: a
+    big message unpickles for longer than a storm's period, and would fail
+    alike twice.
     """
+    if raised_by_handler(err):
+        return False
     try:
-        pickle.loads(payload)
+        loads(payload)
     except Exception as again:
-        return type(again) is type(err)
+        return type(again) is type(err) and not raised_by_handler(again)
     return False
 
 

@@ -29,8 +29,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from . import _bulk
 from . import _runtime as rt
 from . import _wire as wire
 from ._errors import (
@@ -87,6 +88,7 @@ class Link:
     """A sender's connection to one receiving process."""
 
     __slots__ = (
+        "bulk",
         "dead",
         "dirty",
         "fd",
@@ -123,6 +125,7 @@ class Link:
         self.dirty = False  # a frame was begun and not finished: never reuse
         self.dead = False
         self.sndtimeo = -1.0
+        self.bulk = False  # may carry file descriptors (its HELLO said HELLO_BULK)
 
     def close(self) -> None:
         """Close the socket (the caller holds :attr:`lock`, or nobody else can)."""
@@ -152,7 +155,7 @@ _links = _Links()
 def deliver(
     pid: int,
     group: bytes,
-    payload: bytes,
+    payload: Union[bytes, _bulk.Bulk],
     timeout: float,
     kind: int = wire.KIND_MSG,
     identity: Optional[str] = None,
@@ -162,7 +165,8 @@ def deliver(
     Args:
         pid: the receiving process.
         group: the raw group name.
-        payload: the pickled object (for a CALL, preceded by its call head).
+        payload: the pickled object (for a CALL, preceded by its call head), or
+            a :class:`~mproc._bulk.Bulk` (its buffers go in a memfd).
         timeout: seconds for the whole call: finding the mailbox, the
             handshake, waiting for credit, writing.
         kind: ``KIND_MSG`` or ``KIND_CALL``.
@@ -182,9 +186,12 @@ def deliver(
     ):
         return
     deadline = time.monotonic() + timeout
+    if payload.__class__ is not bytes:  # out-of-band buffers (mproc._bulk): make the memfd
+        payload = _bulk.prepare(payload)  # type: ignore[arg-type]
+    bulk = payload.__class__ is not bytes
     retried = False
     while True:
-        link, fresh = _get(pid, deadline, identity)
+        link, fresh = _get(pid, deadline, identity, bulk)
         size = wire.HEAD.size + len(group) + len(payload)
         if size > link.max_frame:
             raise MessageError(
@@ -302,7 +309,7 @@ def deliver_reply(pid: int, call_id: int, body: bytes, timeout: float) -> None:
 def _fast_send(
     link: Link,
     group: bytes,
-    payload: bytes,
+    payload: Union[bytes, _bulk.Bulk],
     kind: int = wire.KIND_MSG,
     number: int = -1,
     nonblocking: bool = False,
@@ -327,8 +334,8 @@ def _fast_send(
                 return False  # out of credit: the general way reads what came, or waits
         size = _HEAD_SIZE + len(group) + len(payload)
         if size >= _SMALL_FRAME or size > link.max_frame:
-            return False
-        data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload
+            return False  # (a Bulk is always larger)
+        data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload  # type: ignore[operator]
         link.dirty = True
         try:
             if nonblocking:  # an event loop's: never wait for room in the socket
@@ -358,7 +365,7 @@ def _show(group: bytes) -> str:
 def _send_on(
     link: Link,
     group: bytes,
-    payload: bytes,
+    payload: Union[bytes, _bulk.Bulk],
     deadline: float,
     timeout: float,
     kind: int = wire.KIND_MSG,
@@ -394,7 +401,8 @@ def _send_on(
                     pid=link.pid,
                     group=_show(group),
                 )
-            if link.dead or link.dirty:
+            if link.dead or link.dirty or (payload.__class__ is not bytes and not link.bulk):
+                # (A Bulk needs a connection that carries descriptors: a new one.)
                 _retire(link)
                 raise _Retry
             if kind == _REPLY:
@@ -439,7 +447,7 @@ def _write_msg(
     link: Link,
     group: bytes,
     seq: int,
-    payload: bytes,
+    payload: Union[bytes, _bulk.Bulk],
     deadline: float,
     timeout: float,
     kind: int = wire.KIND_MSG,
@@ -453,10 +461,14 @@ def _write_msg(
     try:
         size = wire.HEAD.size + len(group) + len(payload)
         if size < _SMALL_FRAME:
-            data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload
+            data = _SMALL_HEAD.pack(size, kind, len(group), seq) + group + payload  # type: ignore[operator]
             written = os.write(link.fd, data)
             if written != len(data):  # the receiver's buffer was nearly full
                 _write_all(link.fd, memoryview(data)[written:])
+        elif payload.__class__ is not bytes:  # its memfd goes with it (mproc._bulk)
+            body = _bulk.body_size(payload)  # type: ignore[arg-type]
+            prefix = wire.msg_prefix(group, seq, body, wire.KIND_BULK)
+            _write_all(link.fd, memoryview(_bulk.write(link.sock, prefix, payload)))  # type: ignore[arg-type]
         else:
             _write_all(link.fd, memoryview(wire.msg_prefix(group, seq, len(payload), kind)))
             _write_all(link.fd, memoryview(payload))
@@ -625,11 +637,13 @@ def trusts(pid: int, identity: str) -> bool:
     return link is not None and not link.dead and link.identity == identity
 
 
-def _get(pid: int, deadline: float, identity: Optional[str] = None) -> tuple[Link, bool]:
+def _get(
+    pid: int, deadline: float, identity: Optional[str] = None, bulk: bool = False
+) -> tuple[Link, bool]:
     link = _links.by_pid.get(pid)  # a dict read is atomic: no lock on the hot path
     if link is not None and not link.dead and (identity is None or link.identity == identity):
-        return link, False
-    return install(pid, _connect(pid, deadline, identity))
+        return link, False  # (one that cannot carry descriptors is retired by _send_on)
+    return install(pid, _connect(pid, deadline, identity, bulk=bulk))
 
 
 def install(pid: int, new: Link) -> tuple[Link, bool]:
@@ -643,10 +657,11 @@ def install(pid: int, new: Link) -> tuple[Link, bool]:
         if existing is new:  # installed already (an attempt shared by several sends)
             return new, False
         if existing is not None and not existing.dead:
-            if existing.identity == new.identity:
+            if existing.identity == new.identity and (existing.bulk or not new.bulk):
                 new.close()  # another thread won: its connection is the one
                 return existing, False
-            # A connection to an earlier process of this PID: it is gone.
+            # A connection to an earlier process of this PID (it is gone), or
+            # one that cannot carry the descriptors of a bulk send.
             existing.dead = True  # its writer, if any, closes it when done
             _links.by_pid[pid] = new
             if existing.lock.acquire(False):
@@ -784,7 +799,11 @@ def not_open(pid: int, path: str) -> MailboxNotFound:
 
 
 def _connect(
-    pid: int, deadline: float, expect: Optional[str] = None, control: bool = False
+    pid: int,
+    deadline: float,
+    expect: Optional[str] = None,
+    control: bool = False,
+    bulk: bool = False,
 ) -> Link:
     """Open an authenticated connection to the mailbox of ``pid``, waiting for it to open.
 
@@ -809,7 +828,7 @@ def _connect(
             raise
         else:
             try:
-                return _handshake(sock, runtime, pid, path, deadline, control)
+                return _handshake(sock, runtime, pid, path, deadline, control, bulk)
             except BaseException:
                 sock.close()
                 raise
@@ -828,6 +847,7 @@ def _handshake(
     path: str,
     deadline: float,
     control: bool = False,
+    bulk: bool = False,
 ) -> Link:
     check_peer(sock, pid, path)
     # The mailbox is there: give the handshake a fair chance even when the
@@ -836,7 +856,7 @@ def _handshake(
     left = deadline - time.monotonic()
     budget = min(max(left, 0.001 if control else rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
     io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
-    steps = handshake_steps(runtime.key, pid, path, control)
+    steps = handshake_steps(runtime.key, pid, path, control, bulk)
     step = next(steps)
     try:
         while True:
@@ -848,7 +868,9 @@ def _handshake(
     except StopIteration as done:
         max_frame, window, epoch = done.value
     sock.settimeout(None)
-    return new_link(sock, pid, path, max_frame, window, epoch, control)
+    link = new_link(sock, pid, path, max_frame, window, epoch, control)
+    link.bulk = bulk
+    return link
 
 
 def check_peer(sock: socket.socket, pid: int, path: str) -> None:
@@ -871,7 +893,7 @@ Step = tuple[str, Any]
 
 
 def handshake_steps(
-    key: bytes, pid: int, path: str, control: bool
+    key: bytes, pid: int, path: str, control: bool, bulk: bool = False
 ) -> Generator[Step, bytes, tuple[int, int, int]]:
     """The sender's side of the handshake, without I/O (driven by a blocking or async caller).
 
@@ -898,7 +920,7 @@ def handshake_steps(
             path=path,
         )
     yield ("send", wire.WELCOME)
-    flags = wire.HELLO_CONTROL if control else 0
+    flags = (wire.HELLO_CONTROL if control else 0) | (wire.HELLO_BULK if bulk else 0)
     yield ("send", wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :])
     try:
         _version, max_frame, window, epoch = wire.parse_hello((yield ("recv", "its HELLO")))

@@ -31,7 +31,13 @@ from typing import Any, Callable, Optional
 from . import _check
 from ._log import logger
 
-__all__ = ["SHUTDOWN_SIGNALS", "add_sig_handler", "add_sig_handler_shutdown", "listen"]
+__all__ = [
+    "SHUTDOWN_SIGNALS",
+    "add_sig_handler",
+    "add_sig_handler_shutdown",
+    "listen",
+    "raised_by_handler",
+]
 
 #: A signal handler: called with the signal number; its return value is ignored.
 SigHandler = Callable[[int], object]
@@ -280,3 +286,28 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def raised_by_handler(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside a Python signal handler installed now.
+
+    Python runs a handler between two bytecodes of the main thread, so its
+    exception can come out of any call that runs Python code (pickling,
+    unpickling): the handler's frame in the traceback tells it from the
+    call's own failure, however long the call takes.
+    """
+    codes = set()
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):  # pragma: no cover - not a settable signal
+            continue
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if code is not None:
+            codes.add(code)
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return True
+        tb = tb.tb_next
+    return False

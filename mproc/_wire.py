@@ -13,6 +13,11 @@ kind       direction           body after the kind byte
                                ``!Q`` epoch (a random number naming this mailbox)
 ``CALL``   sender → receiver   as ``MSG``, the pickle preceded by ``!Q`` call id and
                                ``!Q`` the caller's mailbox epoch (where to reply)
+``BULK``   sender → receiver   as ``MSG``, the pickle preceded by ``!I`` n and n ``!Q``
+                               buffer sizes; the buffers are in a sealed memfd whose
+                               descriptor rides on the frame's first byte
+                               (``SCM_RIGHTS``), only on a connection whose
+                               HELLO had :data:`HELLO_BULK` (see :mod:`mproc._bulk`)
 ``REPLY``  sender → receiver   ``!H`` 0, ``!Q`` call id, then ``!Q`` the epoch the
                                CALL named, ``!B`` status (:data:`REPLY_VALUE`,
                                :data:`REPLY_ERROR`, :data:`REPLY_REMOTE`), pickle
@@ -20,7 +25,7 @@ kind       direction           body after the kind byte
 ``STATS_REPLY`` receiver → sender ``!H`` 0, ``!Q`` the request id, UTF-8 JSON
 =========  ==================  ===================================================
 
-A CALL is a MSG of its group in every other way (seq, credit). A REPLY
+A CALL or a BULK is a MSG of its group in every other way (seq, credit). A REPLY
 travels from the callee to the *caller's* mailbox, on the callee's own
 connection to it; it takes no credit (a caller has at most one reply per
 call it is waiting for, and one that finds no waiting call is dropped).
@@ -57,6 +62,9 @@ __all__ = [
     "HEAD",
     "HELLO",
     "CALL_HEAD",
+    "BULK_COUNT",
+    "BULK_SIZE",
+    "KIND_BULK",
     "KIND_CALL",
     "KIND_CREDIT",
     "KIND_HELLO",
@@ -65,6 +73,7 @@ __all__ = [
     "KIND_STATS",
     "KIND_STATS_REPLY",
     "FIRST_UNGROUPED",
+    "HELLO_BULK",
     "HELLO_CONTROL",
     "REPLY_ERROR",
     "REPLY_HEAD",
@@ -87,7 +96,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a frame changes meaning; both sides check it in the HELLO.
-PROTOCOL = 4
+PROTOCOL = 5
 
 KIND_MSG = 1
 KIND_CREDIT = 2
@@ -96,15 +105,20 @@ KIND_CALL = 4
 KIND_REPLY = 5
 KIND_STATS = 6
 KIND_STATS_REPLY = 7
+KIND_BULK = 8  # grouped, like MSG and CALL (see FIRST_UNGROUPED)
 
 #: The kinds a sender may send to a receiver.
-TO_RECEIVER = frozenset({KIND_MSG, KIND_CALL, KIND_REPLY, KIND_STATS})
+TO_RECEIVER = frozenset({KIND_MSG, KIND_CALL, KIND_BULK, KIND_REPLY, KIND_STATS})
 #: In a sender's HELLO, the window field holds flags; this one says "this
 #: connection carries control frames (STATS) only, never a message": the
 #: receiver reads it at once, outside the order of the process's connections.
 HELLO_CONTROL = 1
+#: Also in a sender's HELLO: "this connection may carry file descriptors"
+#: (BULK frames): the receiver reads it with ``recvmsg``, every other with ``read``.
+HELLO_BULK = 2
 
-#: Kinds from this one on carry no group: they never enter a group queue.
+#: Kinds from this one on carry no group: they never enter a group queue
+#: (except KIND_BULK, which came later: a MSG with its buffers beside it).
 FIRST_UNGROUPED = KIND_REPLY
 
 REPLY_VALUE = 0  # the pickle is the reply's value
@@ -113,6 +127,8 @@ REPLY_REMOTE = 2  # the pickle is (type name, message, traceback text): it did n
 
 CALL_HEAD = struct.Struct("!QQ")  # call id, caller's epoch: in front of a CALL's pickle
 REPLY_HEAD = struct.Struct("!QB")  # epoch, status: in front of a REPLY's pickle
+BULK_COUNT = struct.Struct("!I")  # buffers of a BULK frame...
+BULK_SIZE = struct.Struct("!Q")  # ...and the size of each, in front of its pickle
 
 LEN = struct.Struct("!i")  # multiprocessing's frame length...
 LEN64 = struct.Struct("!Q")  # ...and its extension past 2 GiB
@@ -201,7 +217,7 @@ def parse(
         tag: ``(pid, peer)``: return each frame as the receiver's entry
             ``(pid, payload, peer, group or None, number, kind)`` instead (the
             group is ``None`` from :data:`FIRST_UNGROUPED` on), with no
-            :data:`Frame` tuple made in between.
+            :data:`Frame` tuple made in between. (A BULK frame has a group too.)
         limit: cut at most this many frames (the rest stays in ``data``,
             after ``used``).
 
@@ -241,7 +257,7 @@ def parse(
             frames.append(
                 (kind, bytes(view[start : start + glen]), number, view[start + glen : stop])
             )
-        elif kind < FIRST_UNGROUPED:
+        elif kind < FIRST_UNGROUPED or kind == KIND_BULK:
             group = bytes(view[start : start + glen]) if glen else b""
             frames.append((pid, view[start + glen : stop], peer, group, number, kind))
         else:

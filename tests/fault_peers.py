@@ -103,9 +103,9 @@ def count_admissions(r: _receiver.Receiver) -> list[int]:
     admitted = [0]
     real = r.admission.on_admit
 
-    def counting(sock: socket.socket, pid: int, session: int, control: bool) -> bool:
+    def counting(sock: socket.socket, pid: int, session: int, flags: int) -> bool:
         admitted[0] += 1
-        return real(sock, pid, session, control)
+        return real(sock, pid, session, flags)
 
     r.admission.on_admit = counting
     return admitted
