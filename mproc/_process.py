@@ -283,6 +283,33 @@ def _locked_class(base: type) -> type:
     return sub
 
 
+class _ChildExit:
+    """The reaper's callbacks for a Process child: collect its exit, then read its code.
+
+    The popen is held weakly: a Process dropped while its child runs frees
+    its popen (and the popen's two pipe descriptors) at once.
+    """
+
+    __slots__ = ("_element", "_pid", "_ref")
+
+    def __init__(self, popen: Any, element: Optional[str]) -> None:
+        self._ref = weakref.ref(popen)
+        self._pid: int = popen.pid
+        self._element = element
+
+    def reaped(self) -> bool:
+        target = self._ref()
+        if target is not None and target.poll() is None:
+            return False
+        if self._element is not None:
+            _tree.forget(self._pid, self._element)
+        return True
+
+    def exitcode(self) -> Optional[int]:
+        target = self._ref()
+        return None if target is None else target.returncode
+
+
 def _rebuild_process(blob: bytes) -> Process:
     cls, state = cloudpickle.loads(blob)
     obj: Process = cls.__new__(cls)
@@ -376,10 +403,12 @@ class Process(_Stoppable, multiprocessing.Process):
         # directory too: the child must find its launcher's mailbox.
         if self._mproc_launcher:
             os.environ[ENV_PPID] = str(self._mproc_launcher)
-            # Empty for a fork child: it inherited the environment and the
-            # working directory its launcher had at start(), and so finds
-            # the same directory (see start()).
-            os.environ[_runtime.ENV_RUNTIME_DIR] = self._mproc_runtime_dir or _runtime.runtime_dir()
+            if self._mproc_runtime_dir:
+                os.environ[_runtime.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
+            else:
+                # A fork child: it inherited the environment and the working
+                # directory its launcher had at start() (see start()).
+                _runtime.pin_runtime_dir()
         p = self._mproc_plan
         if p is not None:
             # The chain goes into os.environ, so every program this child
@@ -422,24 +451,10 @@ class Process(_Stoppable, multiprocessing.Process):
         else:
             super().start()
         popen = self.__dict__["_popen"]
-        _contained_start(popen.pid, p)
-        element = None if p is None else p.element
-        ref = weakref.ref(popen)
-
-        def reaped() -> bool:
-            target = ref()
-            if target is not None and target.poll() is None:
-                return False
-            if element is not None:
-                _tree.forget(popen_pid, element)
-            return True
-
-        def exitcode() -> Optional[int]:
-            target = ref()
-            return None if target is None else target.returncode
-
-        popen_pid = popen.pid
-        self._mproc_watch = _watch_child(popen_pid, reaped, exitcode)
+        if p is not None:
+            _contained_start(popen.pid, p)
+        child = _ChildExit(popen, None if p is None else p.element)
+        self._mproc_watch = _watch_child(popen.pid, child.reaped, child.exitcode)
 
     def _monitor_watch(self) -> Optional[_wait.Watch]:
         return self._mproc_watch

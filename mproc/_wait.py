@@ -436,11 +436,28 @@ class _Poller:
     def register(self, fd: int, w: Optional[Watch]) -> None:
         if fd in self.data:
             raise KeyError(f"descriptor {fd} is already registered")
-        if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
-        elif self._selector is not None:
-            self._selector.register(fd, selectors.EVENT_READ)
+        # Recorded first: the reaper thread may see the descriptor ready the
+        # moment it is registered. (A signal handler that raises in between
+        # leaves a record that never fires, not a descriptor nobody owns.)
         self.data[fd] = w
+        try:
+            if self._epoll is not None:
+                self._epoll.register(fd, select.EPOLLIN)
+            elif self._selector is not None:
+                self._selector.register(fd, selectors.EVENT_READ)
+        except Exception:
+            del self.data[fd]
+            raise
+
+    def forget(self, fd: int) -> None:
+        """Unregister a descriptor registered but not recorded (never expected)."""
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            elif self._selector is not None:
+                self._selector.unregister(fd)
+        except (OSError, KeyError, ValueError):
+            pass
 
     def unregister(self, fd: int) -> None:
         del self.data[fd]
@@ -523,6 +540,7 @@ class _Reaper:
         self._thread.start()
 
     def _run(self, poller: _Poller, wakeup: Wakeup) -> None:
+        wakeup_fd = wakeup.fileno()
         polled: list[Watch] = []
         delay = _POLL_MIN
         while True:
@@ -537,11 +555,18 @@ class _Reaper:
                 if removing:
                     polled = self._remove(poller, removing, polled)
                 for fd in poller.select(delay if polled else None):
+                    if fd == wakeup_fd:
+                        wakeup.drain()
+                        continue
                     # Only this thread unregisters: a reported descriptor is
                     # still the one registered (each is reported once a call).
                     ready = poller.data.get(fd)
                     if ready is None:
-                        wakeup.drain()
+                        # Registered, not recorded: a readable pidfd would make
+                        # every select() return at once. Never expected.
+                        with self._lock:
+                            if fd not in poller.data:
+                                poller.forget(fd)
                         continue
                     # The pidfd stays open (the callback may ask it about the
                     # exit) until the watch finishes; out of epoll, as it stays
