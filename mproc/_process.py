@@ -220,25 +220,20 @@ def _dumps(obj: object) -> bytes:
 _LOCAL_ATTRS = frozenset({"_mproc_lock", "_mproc_watch", "_popen"})
 
 
-def _running(pid: int) -> bool:
-    """Return whether our unreaped child ``pid`` has not exited, without reaping it.
-
-    ``waitid(WNOWAIT)`` only peeks; any doubt (``ECHILD``: reaped meanwhile
-    by another thread) answers ``False``, which sends the caller to the
-    locked ``waitpid``.
-    """
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except OSError:
-        return False
-
-
 try:
     from multiprocessing import popen_fork as _popen_fork
 except ImportError:  # pragma: no cover - no fork on this platform
     _popen_fork = None  # type: ignore[assignment]
 
 _CAN_PEEK = all(hasattr(os, name) for name in ("waitid", "P_PID", "WEXITED", "WNOWAIT"))
+# waitid(P_PID, pid, _PEEK) says whether a child of ours has exited, without reaping it.
+_PEEK = (os.WEXITED | os.WNOHANG | os.WNOWAIT) if _CAN_PEEK else 0
+
+
+def _no_waitid(*args: Any) -> Any:  # pragma: no cover - never called: peek is off
+    raise OSError("waitid() is not available")
+
+
 _POPEN_CLASSES: dict[type, type] = {}
 
 
@@ -262,11 +257,19 @@ def _locked_class(base: type) -> type:
     unlocked: Callable[[Any, int], Optional[int]] = getattr(base, "poll")  # noqa: B009
     launch: Callable[[Any, Any], None] = getattr(base, "__init__")  # noqa: B009
     peek = _CAN_PEEK and unlocked is getattr(getattr(_popen_fork, "Popen", None), "poll", None)
+    waitid: Callable[..., Any] = getattr(os, "waitid", None) or _no_waitid
+    p_pid, wnohang = getattr(os, "P_PID", 0), os.WNOHANG
 
-    def poll(self: Any, flag: int = os.WNOHANG) -> Optional[int]:
+    def poll(self: Any, flag: int = wnohang) -> Optional[int]:
         if self.returncode is None:
-            if peek and flag == os.WNOHANG and _running(self.pid):
-                return None
+            if peek and flag == wnohang:
+                # Only a peek: any doubt (ECHILD: reaped meanwhile by another
+                # thread) goes on to the locked waitpid().
+                try:
+                    if waitid(p_pid, self.pid, _PEEK) is None:
+                        return None  # not exited: nothing to collect
+                except OSError:
+                    pass
             with self._mproc_lock:
                 return unlocked(self, flag)
         code: Optional[int] = self.returncode
@@ -444,7 +447,8 @@ class Process(_Stoppable, multiprocessing.Process):
         _launch.open_mailbox()
         if p is not None and p.death_signal:
             self._mproc_parent = self._expected_parent(method)
-            self._mproc_launcher_ticks = _launch.start_ticks(os.getpid())
+            if not self._mproc_parent:  # a forkserver child watches us by pidfd and start time
+                self._mproc_launcher_ticks = _launch.start_ticks(os.getpid())
             # Forked by the long-lived launcher thread: PR_SET_PDEATHSIG
             # fires when the forking *thread* exits (see mproc._launch).
             _launch.on_launcher_thread(super().start)
