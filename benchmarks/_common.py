@@ -102,7 +102,8 @@ class Target:
             return self.label
         prefix = f"{self.label} " if self.label else ""
         if self.of == "ratio":
-            return f"{prefix}{self.op} {self.limit:.1f}x"
+            limit = f"{self.limit:.2f}"  # 1.2 -> "1.2", 3 -> "3.0", 1.05 -> "1.05"
+            return f"{prefix}{self.op} {limit[:-1] if limit.endswith('0') else limit}x"
         return f"{prefix}{self.op} {fmt_number(self.limit)} {unit}".rstrip()
 
 

@@ -189,6 +189,25 @@ class Plan:
     death_signal: bool
 
 
+_ENVIRON_TYPE = type(os.environ)
+_CONTAIN_KEY: Any = os.environ.encodekey(ENV_CONTAIN)
+
+
+def _inherited_chain() -> str:
+    """Return ``os.environ.get(ENV_CONTAIN, "")``, cheaply.
+
+    Asked on every start, where it is usually missing: ``os.environ.get``
+    then raises and catches a KeyError inside, which touches (and, in a
+    process with many forked children, copies) a few dozen pages. The
+    mapping under ``os.environ`` answers directly.
+    """
+    env = os.environ
+    if type(env) is not _ENVIRON_TYPE:  # replaced by the program: ask it
+        return env.get(ENV_CONTAIN, "")
+    raw = getattr(env, "_data").get(_CONTAIN_KEY)  # noqa: B009 - not in typeshed
+    return "" if raw is None else env.decodevalue(raw)
+
+
 def plan(contain: Optional[bool]) -> Optional[Plan]:
     """Decide how a child is contained.
 
@@ -201,7 +220,7 @@ def plan(contain: Optional[bool]) -> Optional[Plan]:
     Returns:
         The plan, or ``None`` for an uncontained child.
     """
-    inherited = os.environ.get(ENV_CONTAIN, "")
+    inherited = _inherited_chain()
     if contain is None:
         if not inherited or not _can_prctl():
             return None

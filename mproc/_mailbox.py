@@ -423,6 +423,8 @@ def open_for_children() -> None:
     A mailbox that cannot open must not stop the child from starting; the
     child's ``send()`` to us will report the problem instead.
     """
+    if _state.receiver is not None:
+        return  # open (a fork hook clears it in a child): the common case, kept cheap
     try:
         _ensure_open()
     except MailboxError as err:

@@ -220,22 +220,97 @@ def _dumps(obj: object) -> bytes:
 _LOCAL_ATTRS = frozenset({"_mproc_lock", "_mproc_watch", "_popen"})
 
 
-def _locked_poll(popen: Any, lock: Any) -> Callable[[int], Optional[int]]:
-    # A weak reference: the replacement poll is stored on the popen, and a
-    # strong one would make a cycle that keeps the popen (and its two pipe
-    # fds) alive until the cyclic GC runs.
-    ref = weakref.ref(popen)
-    unlocked = type(popen).poll
+try:
+    from multiprocessing import popen_fork as _popen_fork
+except ImportError:  # pragma: no cover - no fork on this platform
+    _popen_fork = None  # type: ignore[assignment]
 
-    def poll(flag: int = os.WNOHANG) -> Optional[int]:
-        target = ref()
-        if target is None:
-            return None
-        with lock:
-            result: Optional[int] = unlocked(target, flag)
-            return result
+_CAN_PEEK = all(hasattr(os, name) for name in ("waitid", "P_PID", "WEXITED", "WNOWAIT"))
+# waitid(P_PID, pid, _PEEK) says whether a child of ours has exited, without reaping it.
+_PEEK = (os.WEXITED | os.WNOHANG | os.WNOWAIT) if _CAN_PEEK else 0
 
-    return poll
+
+def _no_waitid(*args: Any) -> Any:  # pragma: no cover - never called: peek is off
+    raise OSError("waitid() is not available")
+
+
+_POPEN_CLASSES: dict[type, type] = {}
+
+
+def _locked_class(base: type) -> type:
+    """Return the subclass of ``base`` (a multiprocessing Popen) whose poll() takes the lock.
+
+    multiprocessing.active_children() and every start() poll all children
+    from whatever thread; racing the reaper, two polls of a forkserver child
+    can both read its status pipe (one gets EOF and reports 255), and two
+    waitpid()s lose a status. So every waitpid() runs under the handle's
+    lock. A class, not a closure per popen: every start() polls every
+    running child, and touching a closure, a weak reference and a lock per
+    child after each fork copies their pages (copy-on-write) for nothing.
+    For a child of ours, polled without blocking, ``waitid(WNOWAIT)`` first
+    says whether there is anything to collect: a running child costs no
+    lock. (Until it is reaped, under the lock, its PID cannot be reused.)
+    """
+    sub = _POPEN_CLASSES.get(base)
+    if sub is not None:
+        return sub
+    unlocked: Callable[[Any, int], Optional[int]] = getattr(base, "poll")  # noqa: B009
+    launch: Callable[[Any, Any], None] = getattr(base, "__init__")  # noqa: B009
+    peek = _CAN_PEEK and unlocked is getattr(getattr(_popen_fork, "Popen", None), "poll", None)
+    waitid: Callable[..., Any] = getattr(os, "waitid", None) or _no_waitid
+    p_pid, wnohang = getattr(os, "P_PID", 0), os.WNOHANG
+
+    def poll(self: Any, flag: int = wnohang) -> Optional[int]:
+        if self.returncode is None:
+            if peek and flag == wnohang:
+                # Only a peek: any doubt (ECHILD: reaped meanwhile by another
+                # thread) goes on to the locked waitpid().
+                try:
+                    if waitid(p_pid, self.pid, _PEEK) is None:
+                        return None  # not exited: nothing to collect
+                except OSError:
+                    pass
+            with self._mproc_lock:
+                return unlocked(self, flag)
+        code: Optional[int] = self.returncode
+        return code
+
+    def __init__(self: Any, process_obj: Any) -> None:
+        # Before the launch: the attribute is written before the fork, not after.
+        self._mproc_lock = process_obj._mproc_lock
+        launch(self, process_obj)
+
+    namespace = {"poll": poll, "__init__": __init__, "__module__": __name__}
+    sub = type(base.__name__, (base,), namespace)
+    _POPEN_CLASSES[base] = sub
+    return sub
+
+
+class _ChildExit:
+    """The reaper's callbacks for a Process child: collect its exit, then read its code.
+
+    The popen is held weakly: a Process dropped while its child runs frees
+    its popen (and the popen's two pipe descriptors) at once.
+    """
+
+    __slots__ = ("_element", "_pid", "_ref")
+
+    def __init__(self, popen: Any, element: Optional[str]) -> None:
+        self._ref = weakref.ref(popen)
+        self._pid: int = popen.pid
+        self._element = element
+
+    def reaped(self) -> bool:
+        target = self._ref()
+        if target is not None and target.poll() is None:
+            return False
+        if self._element is not None:
+            _tree.forget(self._pid, self._element)
+        return True
+
+    def exitcode(self) -> Optional[int]:
+        target = self._ref()
+        return None if target is None else target.returncode
 
 
 def _rebuild_process(blob: bytes) -> Process:
@@ -297,6 +372,7 @@ class Process(_Stoppable, multiprocessing.Process):
     ) -> None:
         super().__init__(group, target, name, args, {} if kwargs is None else kwargs, daemon=daemon)
         self._mproc_method = _method_name(start_method)
+        self._mproc_started = ""  # the start method start() used
         self._mproc_launcher = 0
         self._mproc_runtime_dir = ""
         # Set by a ProcessManager before start(): True/False, or None (standalone).
@@ -314,13 +390,12 @@ class Process(_Stoppable, multiprocessing.Process):
         return (_rebuild_process, (_dumps((type(self), state)),))
 
     def _Popen(self, process_obj: Any) -> Any:  # type: ignore[override]  # a staticmethod upstream
+        if self._mproc_started == "fork" and _popen_fork is not None:
+            return _locked_class(_popen_fork.Popen)(process_obj)  # see _locked_class
         context: Any = multiprocessing.get_context(self._mproc_method)
         popen = context.Process._Popen(process_obj)
-        # multiprocessing.active_children() and every start() poll all
-        # children from whatever thread; racing the reaper, two polls of a
-        # forkserver child can both read its status pipe (one gets EOF and
-        # reports 255), and two waitpid()s lose a status. Serialise them.
-        popen.poll = _locked_poll(popen, self._mproc_lock)
+        popen._mproc_lock = self._mproc_lock
+        popen.__class__ = _locked_class(type(popen))
         return popen
 
     def _bootstrap(self, *args: Any, **kwargs: Any) -> int:
@@ -331,7 +406,12 @@ class Process(_Stoppable, multiprocessing.Process):
         # directory too: the child must find its launcher's mailbox.
         if self._mproc_launcher:
             os.environ[ENV_PPID] = str(self._mproc_launcher)
-            os.environ[_runtime.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
+            if self._mproc_runtime_dir:
+                os.environ[_runtime.ENV_RUNTIME_DIR] = self._mproc_runtime_dir
+            else:
+                # A fork child: it inherited the environment and the working
+                # directory its launcher had at start() (see start()).
+                _runtime.pin_runtime_dir()
         p = self._mproc_plan
         if p is not None:
             # The chain goes into os.environ, so every program this child
@@ -358,49 +438,38 @@ class Process(_Stoppable, multiprocessing.Process):
         Raises:
             AssertionError: started twice, as :meth:`multiprocessing.Process.start`.
         """
+        method = self._mproc_started = self._mproc_method or multiprocessing.get_start_method()
         self._mproc_launcher = os.getpid()
-        self._mproc_runtime_dir = _runtime.runtime_dir()
+        # A fork child computes it itself (see _bootstrap): less work here,
+        # between two forks, where every page written is a page copied.
+        self._mproc_runtime_dir = "" if method == "fork" else _runtime.runtime_dir()
         p = self._mproc_plan = _launch.plan(self._mproc_contain)
         _launch.open_mailbox()
         if p is not None and p.death_signal:
-            self._mproc_parent = self._expected_parent()
-            self._mproc_launcher_ticks = _launch.start_ticks(os.getpid())
+            self._mproc_parent = self._expected_parent(method)
+            if not self._mproc_parent:  # a forkserver child watches us by pidfd and start time
+                self._mproc_launcher_ticks = _launch.start_ticks(os.getpid())
             # Forked by the long-lived launcher thread: PR_SET_PDEATHSIG
             # fires when the forking *thread* exits (see mproc._launch).
             _launch.on_launcher_thread(super().start)
         else:
             super().start()
         popen = self.__dict__["_popen"]
-        _contained_start(popen.pid, p)
-        element = None if p is None else p.element
-        ref = weakref.ref(popen)
-
-        def reaped() -> bool:
-            target = ref()
-            if target is not None and target.poll() is None:
-                return False
-            if element is not None:
-                _tree.forget(popen_pid, element)
-            return True
-
-        def exitcode() -> Optional[int]:
-            target = ref()
-            return None if target is None else target.returncode
-
-        popen_pid = popen.pid
-        self._mproc_watch = _watch_child(popen_pid, reaped, exitcode)
+        if p is not None:
+            _contained_start(popen.pid, p)
+        child = _ChildExit(popen, None if p is None else p.element)
+        self._mproc_watch = _watch_child(popen.pid, child.reaped, child.exitcode)
 
     def _monitor_watch(self) -> Optional[_wait.Watch]:
         return self._mproc_watch
 
-    def _expected_parent(self) -> int:
+    def _expected_parent(self, method: str) -> int:
         """Return the PID that forks our child (us), or 0 for a forkserver child.
 
         A forkserver child's parent is the forkserver, and its death signal
         would be tied to it; it watches its launcher instead (see
         :func:`mproc._launch.die_with`).
         """
-        method = self._mproc_method or multiprocessing.get_start_method()
         return 0 if method == "forkserver" else os.getpid()
 
     def _pin(self) -> tuple[bool, Optional[int]]:

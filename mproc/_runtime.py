@@ -31,6 +31,7 @@ __all__ = [
     "Runtime",
     "names_dir",
     "peer_credentials",
+    "pin_runtime_dir",
     "proc_identity",
     "remove_stale",
     "runtime",
@@ -85,6 +86,21 @@ def runtime_dir() -> str:
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "mproc")
     return os.path.join(tempfile.gettempdir(), f"mproc-{os.getuid()}")
+
+
+def pin_runtime_dir() -> None:
+    """Set ``MPROC_RUNTIME_DIR`` to :func:`runtime_dir`, so that it stays what it is now.
+
+    For a forked child, which inherited its launcher's environment and
+    working directory: a later ``chdir`` or change of ``XDG_RUNTIME_DIR``
+    must not take it away from its launcher's mailbox. Usually the variable
+    holds that very path already (an mproc launcher passes it on), and is
+    left alone.
+    """
+    explicit = os.environ.get(ENV_RUNTIME_DIR)
+    if explicit and os.path.isabs(explicit) and os.path.normpath(explicit) == explicit:
+        return  # what abspath() would return, i.e. runtime_dir()
+    os.environ[ENV_RUNTIME_DIR] = runtime_dir()
 
 
 def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.stat_result:

@@ -12,11 +12,16 @@ watch's ``exited`` event, which is all a waiter blocks on. The pidfd stays
 open until then, so a callback may still ask it about the exit (see
 :func:`watch_pidfd`). :func:`unwatch` takes a watch back; only the reaper
 thread ever unregisters or closes a watched pidfd, so a descriptor number is
-never reused while the selector still knows it.
+never reused while the selector still knows it. A new pidfd goes into the
+epoll set straight from the thread that hands it over (epoll watches a
+descriptor added while another thread sleeps in ``epoll_wait``): a start
+costs no wake-up of the reaper thread.
 
 Process-global state, reset in a forked child (``os.register_at_fork``):
-the reaper (``_reaper``), the watches whose pidfds a child must close
-(``_all_watches``) and the watches of our own children by PID (``_children``).
+the reaper (``_reaper``), the pidfds of every watch, which a child closes
+(``_pidfds``), and the watches of our own children by PID (``_children``).
+A watch made by the parent knows in the child that it is a copy
+(``Watch._foreign``) and no longer touches its pidfd or its lock.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import selectors
 import signal
 import threading
 import time
-import weakref
 from typing import Callable, Optional
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 from ._errors import NoSuchProcess
 from ._log import logger
@@ -122,9 +132,11 @@ def pidfd_open(pid: int, *, keep: bool = False) -> Optional[int]:
         return None
     # Leave some descriptors free: pidfds for thousands of processes must not
     # starve the rest (psutil's /proc reads, the polling fallback, sockets).
-    import resource  # here: pidfds exist only on Linux, resource not on Windows
-
-    if not keep and fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE:
+    if (
+        not keep
+        and resource is not None
+        and fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE
+    ):
         os.close(fd)
         logger.debug("pidfd_open(%d): few descriptors left; polling for its exit instead", pid)
         return None
@@ -139,6 +151,51 @@ def _no_cancel() -> None:
     pass
 
 
+# Guards the making of an _Exited's Event (held for a moment, never across a
+# wait); a new one in a forked child.
+_exited_lock = threading.Lock()
+
+
+class _Exited:
+    """A watch's ``exited`` flag: :class:`threading.Event`'s ``is_set``/``set``/``wait``.
+
+    The Event (a Condition, two locks) is made only for a caller that
+    actually blocks: most watches are set before anybody waits, and a
+    watch is made per start, between two forks, where every object made or
+    touched costs a page copied (copy-on-write) when the parent writes it.
+    """
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: Optional[threading.Event] = None
+
+    def is_set(self) -> bool:
+        """Return whether the flag is set."""
+        return self._flag
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter."""
+        with _exited_lock:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the flag is set or ``timeout`` passes; return the flag."""
+        if self._flag:
+            return True
+        with _exited_lock:
+            if self.is_set():  # set meanwhile: no Event needed
+                return True
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        return event.wait(timeout)
+
+
 class Watch:
     """One process being watched by the reaper.
 
@@ -151,6 +208,21 @@ class Watch:
             ``exited`` is set (``None``: not collected, or no getter).
     """
 
+    __slots__ = (
+        "_deadline",
+        "_done",
+        "_exitcode",
+        "_lock",
+        "_owner",
+        "_pidfd",
+        "_poll",
+        "_poll_fd",
+        "_removed",
+        "code",
+        "exited",
+        "pid",
+    )
+
     def __init__(
         self,
         pid: int,
@@ -160,7 +232,7 @@ class Watch:
         exitcode: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         self.pid = pid
-        self.exited = threading.Event()
+        self.exited = _Exited()
         self.code: Optional[int] = None
         self._poll = poll
         self._poll_fd = poll_fd
@@ -170,10 +242,23 @@ class Watch:
         # Guards _pidfd: the reaper closes it while another thread may be
         # about to signal through it, and a closed number can be reused by
         # an unrelated open() (even another process's pidfd).
+        # A forked copy of this process never takes it (see _foreign): a
+        # thread of the parent may have held it at the fork.
         self._lock = threading.Lock()
         self._deadline: Optional[float] = None
         self._owner = os.getpid()  # only this process's reaper ever reports the exit
-        self._done: list[Callable[[], None]] = []  # run once exited is set (see on_done)
+        # Run once exited is set (see on_done); made by the first on_done().
+        self._done: Optional[list[Callable[[], None]]] = None
+        if pidfd is not None:
+            _pidfds.add(pidfd)
+
+    def _foreign(self) -> bool:
+        """Return whether this is a forked copy of the process that made the watch.
+
+        A fork hook closed the copy's pidfds (see ``_pidfds``): ``_pidfd``
+        names nothing of ours here, and nobody here reports the exit.
+        """
+        return self._owner != os.getpid()
 
     def __repr__(self) -> str:
         state = "exited" if self.exited.is_set() else "watching"
@@ -193,7 +278,7 @@ class Watch:
         Raises:
             ValueError: called in a forked copy of the process that made the watch.
         """
-        if self._owner != os.getpid():
+        if self._foreign():
             raise ValueError(
                 f"PID {self.pid} is watched by process {self._owner}; this forked copy "
                 f"(PID {os.getpid()}) cannot wait for it (as multiprocessing's join())"
@@ -216,6 +301,8 @@ class Watch:
         Raises:
             NoSuchProcess: the process has been reaped.
         """
+        if self._foreign():
+            return False
         with self._lock:
             fd = self._pidfd
             send = getattr(signal, "pidfd_send_signal", None)
@@ -233,6 +320,8 @@ class Watch:
 
     def dup_pidfd(self) -> Optional[int]:
         """Return a duplicate of the pidfd (the caller closes it), or ``None`` if none is held."""
+        if self._foreign():
+            return None
         with self._lock:
             if self._pidfd is None:
                 return None
@@ -250,24 +339,37 @@ class Watch:
         Returns:
             A function that unregisters it (it may have run already).
         """
-        with self._lock:
+        if self._foreign():
             if not self.exited.is_set():
-                self._done.append(callback)
-                return functools.partial(self._forget_done, callback)
+                return _no_cancel  # nobody here will report the exit
+        else:
+            with self._lock:
+                if not self.exited.is_set():
+                    if self._done is None:
+                        self._done = []
+                    self._done.append(callback)
+                    return functools.partial(self._forget_done, callback)
         callback()
         return _no_cancel
 
     def _forget_done(self, callback: Callable[[], None]) -> None:
+        if self._foreign():
+            return  # never registered here
         with self._lock:
             try:
-                self._done.remove(callback)
+                if self._done is not None:
+                    self._done.remove(callback)
             except ValueError:
                 pass
 
     def _close_pidfd(self) -> None:
+        if self._foreign():
+            self._pidfd = None  # closed by the fork hook; the number may be another's now
+            return
         with self._lock:
             fd, self._pidfd = self._pidfd, None
         if fd is not None:
+            _pidfds.discard(fd)  # first: a fork in between must not close a reused number
             os.close(fd)
 
     def _call_poll(self) -> bool:
@@ -294,7 +396,7 @@ class Watch:
         self._poll_fd = None
         with self._lock:
             self.exited.set()
-            done, self._done = self._done, []
+            done, self._done = self._done or (), None
         for callback in done:
             try:
                 callback()
@@ -311,25 +413,108 @@ class Watch:
             del _children[self.pid]
 
 
-class _Reaper:
-    """The thread, its selector and the watches it is working on."""
+class _Poller:
+    """The reaper's descriptors: ``epoll`` where there is one, else a selector.
+
+    ``data`` maps each registered descriptor to its watch (``None`` for the
+    wake-up socket). A descriptor added to an epoll set while another
+    thread sleeps in ``epoll_wait`` is watched at once (``live``), so a new
+    pidfd needs no wake-up; a selector (``poll``, ``select``, ``kqueue`` on
+    macOS, where there are no pidfds anyway) is only told at its next call.
+    Changed under the reaper's lock only.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _pending and the start-up
+        self.data: dict[int, Optional[Watch]] = {}
+        make = getattr(select, "epoll", None)
+        self._epoll: Optional[select.epoll] = make() if make is not None else None
+        self._selector: Optional[selectors.BaseSelector] = (
+            None if self._epoll is not None else selectors.DefaultSelector()
+        )
+        self.live = self._epoll is not None
+
+    def register(self, fd: int, w: Optional[Watch]) -> None:
+        if fd in self.data:
+            raise KeyError(f"descriptor {fd} is already registered")
+        # Recorded first: the reaper thread may see the descriptor ready the
+        # moment it is registered. (A signal handler that raises in between
+        # leaves a record that never fires, not a descriptor nobody owns.)
+        self.data[fd] = w
+        try:
+            if self._epoll is not None:
+                self._epoll.register(fd, select.EPOLLIN)
+            elif self._selector is not None:
+                self._selector.register(fd, selectors.EVENT_READ)
+        except Exception:
+            del self.data[fd]
+            raise
+
+    def forget(self, fd: int) -> None:
+        """Unregister a descriptor registered but not recorded (never expected)."""
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            elif self._selector is not None:
+                self._selector.unregister(fd)
+        except (OSError, KeyError, ValueError):
+            pass
+
+    def unregister(self, fd: int) -> None:
+        del self.data[fd]
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            elif self._selector is not None:
+                self._selector.unregister(fd)
+        except OSError:
+            pass  # as selectors: the descriptor went away, and its registration with it
+
+    def select(self, timeout: Optional[float]) -> list[int]:
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
+        if self._selector is not None:
+            return [key.fd for key, _ in self._selector.select(timeout)]
+        return []
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        if self._selector is not None:
+            self._selector.close()
+
+
+class _Reaper:
+    """The thread, its poller and the watches it is working on."""
+
+    def __init__(self) -> None:
+        # Guards _pending, _removing, the start-up and every change to the
+        # poller (made from the thread that hands a watch over, too).
+        self._lock = threading.Lock()
         # Held while a poll callback runs; fork() takes it first so that no
         # handle lock is held by this thread in the child (see _before_fork).
         self._callback_lock = threading.Lock()
         self._pending: list[Watch] = []
         self._removing: list[Watch] = []
-        self._selector: Optional[selectors.BaseSelector] = None
+        self._poller: Optional[_Poller] = None
         self._wakeup: Optional[Wakeup] = None
         self._thread: Optional[threading.Thread] = None
 
     def add(self, w: Watch) -> None:
         with self._lock:
-            self._pending.append(w)
             if self._thread is None:
                 self._start()
+            poller, fd = self._poller, w._pidfd
+            if poller is not None and poller.live and fd is not None:
+                # The pidfd is open (only the reaper thread closes a watched
+                # one, after unregistering it under this lock), so its number
+                # is not one the poller still knows. Registered here, it is
+                # watched at once: a start costs no wake-up, no thread hop.
+                try:
+                    poller.register(fd, w)
+                    return
+                except (OSError, ValueError, KeyError):
+                    pass  # the reaper thread tries again, and polls if it fails too
+            self._pending.append(w)
             wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
@@ -346,15 +531,16 @@ class _Reaper:
             wakeup.wake()
 
     def _start(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._poller = _Poller()
         self._wakeup = Wakeup()
-        self._selector.register(self._wakeup.fileno(), selectors.EVENT_READ, None)
+        self._poller.register(self._wakeup.fileno(), None)
         self._thread = threading.Thread(
-            target=self._run, args=(self._selector, self._wakeup), name="mproc-reaper", daemon=True
+            target=self._run, args=(self._poller, self._wakeup), name="mproc-reaper", daemon=True
         )
         self._thread.start()
 
-    def _run(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
+    def _run(self, poller: _Poller, wakeup: Wakeup) -> None:
+        wakeup_fd = wakeup.fileno()
         polled: list[Watch] = []
         delay = _POLL_MIN
         while True:
@@ -365,22 +551,31 @@ class _Reaper:
                 if new:
                     delay = _POLL_MIN
                 for w in new:
-                    self._register(selector, w, polled)
+                    self._register(poller, w, polled)
                 if removing:
-                    polled = self._remove(selector, removing, polled)
-                ready = selector.select(delay if polled else None)
-                for key, _ in ready:
-                    if key.data is None:
+                    polled = self._remove(poller, removing, polled)
+                for fd in poller.select(delay if polled else None):
+                    if fd == wakeup_fd:
                         wakeup.drain()
                         continue
-                    w = key.data
+                    # Only this thread unregisters: a reported descriptor is
+                    # still the one registered (each is reported once a call).
+                    ready = poller.data.get(fd)
+                    if ready is None:
+                        # Registered, not recorded: a readable pidfd would make
+                        # every select() return at once. Never expected.
+                        with self._lock:
+                            if fd not in poller.data:
+                                poller.forget(fd)
+                        continue
                     # The pidfd stays open (the callback may ask it about the
                     # exit) until the watch finishes; out of epoll, as it stays
                     # readable for good.
-                    selector.unregister(key.fd)
-                    if not self._collect(w):
-                        w._deadline = time.monotonic() + _COLLECT_GRACE
-                        polled.append(w)
+                    with self._lock:
+                        poller.unregister(fd)
+                    if not self._collect(ready):
+                        ready._deadline = time.monotonic() + _COLLECT_GRACE
+                        polled.append(ready)
                 if polled:
                     now = time.monotonic()
                     polled = [w for w in polled if not self._check(w, now)]
@@ -389,28 +584,25 @@ class _Reaper:
                 logger.exception("mproc reaper: unexpected error; continuing")
                 time.sleep(_POLL_MAX)  # should the error repeat, do not spin
 
-    def _remove(
-        self, selector: selectors.BaseSelector, removing: list[Watch], polled: list[Watch]
-    ) -> list[Watch]:
+    def _remove(self, poller: _Poller, removing: list[Watch], polled: list[Watch]) -> list[Watch]:
         gone = set(map(id, removing))
         for w in removing:
             fd = w._pidfd
             if fd is not None:
-                try:
-                    if selector.get_key(fd).data is w:
-                        selector.unregister(fd)
-                except (KeyError, ValueError):
-                    pass  # not registered: polled, or its exit already seen
+                with self._lock:
+                    if poller.data.get(fd) is w:  # else: polled, or its exit already seen
+                        poller.unregister(fd)
             w._drop()
         return [w for w in polled if id(w) not in gone]
 
-    def _register(self, selector: selectors.BaseSelector, w: Watch, polled: list[Watch]) -> None:
+    def _register(self, poller: _Poller, w: Watch, polled: list[Watch]) -> None:
         if w._removed:
             return  # unwatch()ed before the reaper saw it: _remove() closes it
         fd = w._pidfd
         if fd is not None:
             try:
-                selector.register(fd, selectors.EVENT_READ, w)
+                with self._lock:
+                    poller.register(fd, w)
                 return
             except (OSError, ValueError, KeyError) as err:
                 logger.debug("cannot watch pidfd of PID %d (%s); polling", w.pid, err)
@@ -442,27 +634,30 @@ class _Reaper:
 
     def close_inherited(self) -> None:
         """In a forked child: close the descriptors inherited from the parent."""
-        if self._selector is not None:
+        if self._poller is not None:
             try:
-                self._selector.close()
+                self._poller.close()
             except OSError:
                 pass
         if self._wakeup is not None:
             self._wakeup.close()
-        for w in list(_all_watches):
-            w._lock = threading.Lock()
-            pidfd, w._pidfd = w._pidfd, None
-            if pidfd is not None:
-                try:
-                    os.close(pidfd)
-                except OSError:
-                    pass
+        # The pidfds of the parent's watches: closed here, forgotten by each
+        # watch when it is next asked (see Watch._foreign). Touching every
+        # watch here would cost each forked child a page copy per few watches.
+        for fd in _pidfds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _pidfds.clear()
 
 
 raise_nofile_limit()
 _reaper = _Reaper()
-# Every watch not yet garbage: a forked child must close their pidfds.
-_all_watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+# The pidfds held by watches: a forked child closes them. A set of numbers,
+# changed by single (atomic) operations: added when a watch takes one,
+# discarded before it is closed.
+_pidfds: set[int] = set()
 # The unfinished watches of mproc handles' children, by PID (see child_watch).
 _children: dict[int, Watch] = {}
 
@@ -497,7 +692,6 @@ def watch(
     w = Watch(pid, poll, pidfd, exitcode=exitcode)
     if exitcode is not None:
         _children[pid] = w
-    _all_watches.add(w)
     _reaper.add(w)
     return w
 
@@ -512,7 +706,6 @@ def watch_pidfd(pid: int, poll: Callable[[Optional[int]], bool], pidfd: Optional
     with ``P_PIDFD``, ``PIDFD_GET_INFO``), immune to PID reuse.
     """
     w = Watch(pid, _noop_poll, pidfd, poll_fd=poll)
-    _all_watches.add(w)
     _reaper.add(w)
     return w
 
@@ -549,7 +742,8 @@ def _after_fork_child() -> None:
     # Only the forking thread survives fork(): the reaper thread is gone and
     # its locks may have been held by it. Close what the child inherited so
     # nothing leaks, and start over with a fresh reaper (started lazily).
-    global _reaper
+    global _reaper, _exited_lock
+    _exited_lock = threading.Lock()
     _reaper.close_inherited()
     _reaper = _Reaper()
     _children.clear()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -342,3 +344,115 @@ def test_forkserver_child_uses_its_launchers_runtime_dir(
         assert child.wait(30) == 0
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+def _report_runtime_dir(conn: Connection) -> None:
+    os.chdir("/")  # what the child does later must not change where its launcher is
+    conn.send(os.environ["MPROC_RUNTIME_DIR"])
+
+
+def test_child_gets_the_runtime_dir_as_an_absolute_path(
+    method: str, runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fork child works it out itself, from the environment and working
+    # directory it inherited; the others get it from the launcher.
+    monkeypatch.chdir(os.path.dirname(runtime_dir))
+    monkeypatch.setenv("MPROC_RUNTIME_DIR", os.path.basename(runtime_dir))
+    r, w = pipe(method)
+    proc = mproc.Process(target=_report_runtime_dir, args=(w,), start_method=method)
+    assert run_and_collect(proc, r, w) == runtime_dir
+
+
+def _exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def test_polls_from_other_threads_agree_with_the_reaper() -> None:
+    # multiprocessing.active_children() and is_alive() poll every child from
+    # whatever thread while the reaper collects them: each status is seen
+    # once, by whoever gets it first, and never lost.
+    procs = [mproc.Process(target=_exit_with, args=(i,), start_method="fork") for i in range(30)]
+    stop = threading.Event()
+
+    def poll_all() -> None:
+        while not stop.is_set():
+            multiprocessing.active_children()
+            for p in procs:
+                p.is_alive()
+
+    pollers = [threading.Thread(target=poll_all) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        for p in procs:
+            p.start()
+        codes = [p.wait(TIMEOUT) for p in procs]
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in pollers)
+    assert codes == list(range(30))
+    assert all(p.exitcode == i and not p.is_alive() for i, p in enumerate(procs))
+
+
+def _block(conn: Connection) -> None:
+    conn.recv()
+
+
+def test_polling_a_running_child_does_not_wait_for_its_handles_lock() -> None:
+    r, w = multiprocessing.get_context("fork").Pipe(duplex=False)
+    proc = mproc.Process(target=_block, args=(r,), start_method="fork")
+    proc.start()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with proc._mproc_lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(TIMEOUT)
+        # Nothing to collect: no lock needed, so nothing to wait for.
+        answers: list[bool] = []
+        poller = threading.Thread(target=lambda: answers.append(proc.is_alive()))
+        poller.start()
+        poller.join(TIMEOUT)
+        assert answers == [True]
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+        w.send("go")
+        assert proc.wait(TIMEOUT) == 0
+        r.close()
+        w.close()
+
+
+def test_collecting_an_exit_waits_for_the_handles_lock() -> None:
+    # Under the lock, _signal_child checks and signals: the status must not be
+    # collected (and the PID freed) in between, by a poll from another thread.
+    r, w = multiprocessing.get_context("fork").Pipe(duplex=False)
+    proc = mproc.Process(target=_block, args=(r,), start_method="fork")
+    proc.start()
+    popen = proc._popen  # type: ignore[attr-defined]
+    answers: list[Any] = []
+    with proc._mproc_lock:  # type: ignore[attr-defined]
+        w.send("go")
+        # The child has exited once its pidfd says so; it stays unreaped.
+        fd = os.pidfd_open(proc.pid)  # type: ignore[arg-type]
+        try:
+            assert select.select([fd], [], [], TIMEOUT)[0]
+        finally:
+            os.close(fd)
+        poller = threading.Thread(target=lambda: answers.append(popen.poll()))
+        poller.start()
+        poller.join(0.2)  # it must be waiting for us; any wait here only shortens the test
+        assert answers == []
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE  # type: ignore[arg-type]
+    poller.join(TIMEOUT)
+    assert answers == [0]
+    assert proc.wait(TIMEOUT) == 0
+    r.close()
+    w.close()

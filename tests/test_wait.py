@@ -292,3 +292,122 @@ def test_a_forked_copy_cannot_wait_for_its_parents_child() -> None:
         cmd.kill()
         cmd.wait(10)
     assert f"PID {cmd.pid}" in report and "forked" in report
+
+
+def _in_fork_bounded(work: Callable[[], str], timeout: float = 20) -> str:
+    """As _in_fork, but a child that hangs is killed (and the test fails) instead of waited for."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, work().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        hung = not select.select([r], [], [], timeout)[0]
+        if hung:
+            os.kill(pid, signal.SIGKILL)
+        report = b"" if hung else _read_exact(r)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert not hung, "the forked child hung"
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    return report.decode()
+
+
+def test_a_forked_copy_leaves_its_parents_watches_alone() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    w = _wait.watch(sleeper.pid, child_poll(sleeper), _wait.pidfd_open(sleeper.pid))
+    inherited_fd = w._pidfd
+    assert inherited_fd is not None
+
+    def in_child() -> str:
+        try:
+            os.fstat(inherited_fd)
+            fd_state = "open"
+        except OSError:
+            fd_state = "closed"
+        ran: list[bool] = []
+        # The lock is held (by the parent, at the fork): none of these may take it.
+        answers = (w.send_signal(0), w.dup_pidfd(), w.on_done(lambda: ran.append(True))())
+        _wait.unwatch(w)
+        return f"{fd_state} {answers} {ran}"
+
+    try:
+        with w._lock:  # as if a thread of ours were in the middle of using it
+            report = _in_fork_bounded(in_child)
+    finally:
+        sleeper.kill()
+    assert report == "closed (False, None, None) []"
+    # The parent's watch is untouched.
+    assert w.wait(10)
+    assert sleeper.returncode == -signal.SIGKILL
+
+
+def test_exited_flag_wakes_every_waiter() -> None:
+    flag = _wait._Exited()
+    assert not flag.is_set() and not flag.wait(0)
+    results: list[bool] = []
+    waiters = [threading.Thread(target=lambda: results.append(flag.wait(30))) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    flag.set()
+    for t in waiters:
+        t.join(30)
+    assert results == [True] * 4
+    assert flag.is_set() and flag.wait(0) and flag.wait(None)
+
+
+def _poller(monkeypatch: pytest.MonkeyPatch, kind: str) -> Any:
+    if kind == "selector":
+        monkeypatch.delattr(select, "epoll")  # as on macOS
+    poller = _wait._Poller()
+    assert poller.live == (kind == "epoll")
+    return poller
+
+
+@pytest.mark.parametrize("kind", ["epoll", "selector"])
+def test_poller_reports_an_exit(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    poller = _poller(monkeypatch, kind)
+    p = subprocess.Popen(["sleep", "30"])
+    fd = os.pidfd_open(p.pid)
+    try:
+        poller.register(fd, None)
+        with pytest.raises(KeyError):
+            poller.register(fd, None)
+        assert poller.select(0) == []
+        p.kill()
+        assert poller.select(10) == [fd]
+        poller.unregister(fd)
+        assert poller.select(0) == [] and fd not in poller.data
+    finally:
+        poller.close()
+        os.close(fd)
+        p.wait(10)
+
+
+def test_epoll_sees_a_pidfd_added_while_another_thread_waits() -> None:
+    # What lets a start() hand its pidfd to the sleeping reaper without a wake-up.
+    poller = _wait._Poller()
+    assert poller.live
+    p = subprocess.Popen(["sleep", "30"])
+    fd = os.pidfd_open(p.pid)
+    seen: list[list[int]] = []
+    waiter = threading.Thread(target=lambda: seen.append(poller.select(30)))
+    try:
+        waiter.start()
+        poller.register(fd, None)
+        p.kill()
+        waiter.join(30)
+        assert seen == [[fd]]
+    finally:
+        p.kill()
+        waiter.join(30)
+        poller.close()
+        os.close(fd)
+        p.wait(10)
