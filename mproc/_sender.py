@@ -63,6 +63,7 @@ _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
+_READ_AHEAD = 256  # a handshake read takes what has come (small: from pymalloc, not malloc)
 # A HELLO can come twice (written again after an interrupt): skipped.
 _CREDIT_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO})
 _REPLY = wire.KIND_REPLY
@@ -535,7 +536,7 @@ def query_stats(pid: int, timeout: float) -> dict[str, Any]:
         request = int.from_bytes(os.urandom(4), "big")
         link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
         link.sock.sendall(wire.frame(wire.HEAD.pack(wire.KIND_STATS, 0, request)))
-        buf = b""
+        buf = bytes(link.inbuf)  # read with the handshake's last frame, if anything
         while True:
             try:
                 chunk = link.sock.recv(1 << 16)
@@ -684,14 +685,18 @@ def _handshake(
     try:
         while True:
             if step[0] == "send":
-                io.send(step[1])
+                io.queue(step[1])  # written together, before we next wait to read
                 step = next(steps)
             else:
                 step = steps.send(io.recv(step[1]))
     except StopIteration as done:
         max_frame, window, epoch = done.value
+    except HandshakeError:
+        io.flush_quietly()  # our FAILURE verdict, if one is queued: a courtesy
+        raise
+    io.flush()
     sock.settimeout(None)
-    return new_link(sock, pid, path, max_frame, window, epoch, control)
+    return new_link(sock, pid, path, max_frame, window, epoch, control, bytes(io.buf))
 
 
 def check_peer(sock: socket.socket, pid: int, path: str) -> None:
@@ -721,9 +726,15 @@ def handshake_steps(
     Yields the frames to send and what to receive next (``send()`` it the
     received body); returns the receiver's ``(max_frame, window, epoch)``.
     """
-    # multiprocessing's order: the client answers first, then challenges.
+    # multiprocessing's order: the client answers first, then challenges; our
+    # challenge goes out right behind our answer, without waiting for the
+    # verdict on it (the mailbox answers it only once it has checked our key,
+    # so it learns nothing it did not earn). A blocking caller writes the two
+    # together: one round trip less per new connection.
     challenge = yield ("recv", "its challenge")
     yield ("send", wire.answer(key, challenge))
+    mine = wire.challenge()
+    yield ("send", mine)
     if (yield ("recv", "its verdict on our key")) != wire.WELCOME:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
@@ -731,8 +742,6 @@ def handshake_steps(
             pid=pid,
             path=path,
         )
-    mine = wire.challenge()
-    yield ("send", mine)
     if not wire.verify(key, mine, (yield ("recv", "the answer to our challenge"))):
         yield ("send", wire.FAILURE)
         raise HandshakeError(
@@ -760,9 +769,15 @@ def new_link(
     window: int,
     epoch: int,
     control: bool = False,
+    leftover: bytes = b"",
 ) -> Link:
-    """A :class:`Link` on a socket that finished the handshake (credit carried over)."""
+    """A :class:`Link` on a socket that finished the handshake (credit carried over).
+
+    ``leftover``: bytes read after the receiver's HELLO (CREDIT frames the
+    reader sent at once, on a reconnect): taken as :func:`_read_credits` takes them.
+    """
     link = Link(sock, pid, path, max_frame, max(window, 1))
+    link.inbuf += leftover
     if control:
         return link  # no messages on it: no credit to carry on
     # The credit of this process with that mailbox (named by its epoch) goes
@@ -775,11 +790,29 @@ def new_link(
         _links.credit[(pid, epoch)] = (link.seqs, link.limits)
         while len(_links.credit) > _MAX_CREDIT:
             _links.credit.popitem(last=False)  # the receiver accepts a fresh start too
+    if leftover:
+        frames, used, _need, bad = wire.parse(leftover, 1 << 20, _CREDIT_KINDS)
+        if bad:
+            raise HandshakeError(
+                f"the mailbox of PID {pid} at {path} sent {bad} after its HELLO",
+                pid=pid,
+                path=path,
+            )
+        for kind, group, limit, _payload in frames:
+            if kind == wire.KIND_CREDIT and limit > link.limits.get(group, link.window):
+                link.limits[group] = limit
+        del link.inbuf[:used]
     return link
 
 
 class _Blocking:
-    """Handshake frames over a blocking socket, all within one deadline."""
+    """Handshake frames over a blocking socket, all within one deadline.
+
+    Frames to send are queued and written together when we next wait for the
+    peer (:meth:`recv`) or are done (:meth:`flush`); frames are read as many
+    at a time as have arrived (the peer writes its verdict and its answer
+    together), and what is left after the last one stays in :attr:`buf`.
+    """
 
     def __init__(
         self, sock: socket.socket, deadline: float, pid: int, path: str, budget: float
@@ -789,6 +822,23 @@ class _Blocking:
         self.pid = pid
         self.path = path
         self.budget = budget
+        self.out: list[bytes] = []
+        self.buf = bytearray()
+
+    def queue(self, body: bytes) -> None:
+        self.out.append(wire.frame(body))
+
+    def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            self._send_all(data)
+
+    def flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except MprocError:
+            pass
 
     def _arm(self, waiting_for: str) -> None:
         remaining = self.deadline - time.monotonic()
@@ -806,17 +856,21 @@ class _Blocking:
         )
 
     def send(self, body: bytes) -> None:
+        self._send_all(wire.frame(body))
+
+    def _send_all(self, data: bytes) -> None:
         self._arm("room to write")
         try:
-            self.sock.sendall(wire.frame(body))
+            self.sock.sendall(data)
         except socket.timeout as err:
             raise self._timeout("room to write") from err
         except OSError as err:
             raise self._refused(err) from err
 
     def recv(self, waiting_for: str) -> bytes:
-        head = self._exactly(wire.LEN.size, waiting_for)
-        (size,) = wire.LEN.unpack(head)
+        self.flush()
+        self._fill(wire.LEN.size, waiting_for)
+        (size,) = wire.LEN.unpack_from(self.buf)
         if not 0 < size <= wire.MAX_HANDSHAKE_FRAME:
             raise HandshakeError(
                 f"the mailbox of PID {self.pid} at {self.path} sent a {size}-byte handshake "
@@ -824,22 +878,23 @@ class _Blocking:
                 pid=self.pid,
                 path=self.path,
             )
-        return self._exactly(size, waiting_for)
+        self._fill(wire.LEN.size + size, waiting_for)
+        body = bytes(self.buf[wire.LEN.size : wire.LEN.size + size])
+        del self.buf[: wire.LEN.size + size]
+        return body
 
-    def _exactly(self, n: int, waiting_for: str) -> bytes:
-        data = b""
-        while len(data) < n:
+    def _fill(self, n: int, waiting_for: str) -> None:
+        while len(self.buf) < n:
             self._arm(waiting_for)
             try:
-                chunk = self.sock.recv(n - len(data))
+                chunk = self.sock.recv(_READ_AHEAD)
             except socket.timeout as err:
                 raise self._timeout(waiting_for) from err
             except OSError as err:
                 raise self._refused(err) from err
             if not chunk:
                 raise self._refused(None)
-            data += chunk
-        return data
+            self.buf += chunk
 
     def _refused(self, err: Optional[OSError]) -> MprocError:
         why = "closed the connection" if err is None else f"failed ({err})"

@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import os
 import struct
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __all__ = [
     "CHALLENGE",
@@ -80,6 +81,8 @@ __all__ = [
     "credit",
     "frame",
     "hello",
+    "hmac_sha256",
+    "keyed",
     "msg_prefix",
     "parse",
     "parse_hello",
@@ -246,7 +249,61 @@ def answer(key: bytes, message: Buffer) -> bytes:
     message = bytes(message)
     if not message.startswith(CHALLENGE + _DIGEST) or len(message) < len(CHALLENGE) + 16:
         raise ValueError("the peer sent no valid challenge")
-    return _DIGEST + hmac.new(key, message[len(CHALLENGE) :], hashlib.sha256).digest()
+    return _DIGEST + hmac_sha256(key, message[len(CHALLENGE) :])
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` (RFC 2104; equal to ``hmac.digest(key, message, "sha256")``).
+
+    From the two keyed SHA-256 states, computed once per key and copied for
+    each message, with CPython's own SHA-256 where it has one: the ``hmac``
+    module's OpenSSL HMAC set-up, and even an OpenSSL context copy, write to
+    so many of libcrypto's pages that a freshly forked sender spent a fifth
+    of its first ``send()`` copying them (copy-on-write faults).
+    """
+    pads = _keyed.get(key)
+    if pads is None:
+        pads = keyed(key)
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    digest: bytes = outer.digest()
+    return digest
+
+
+def keyed(key: bytes) -> tuple[Any, Any]:
+    """Compute (and keep) the SHA-256 states after ``key ^ ipad`` and ``key ^ opad``.
+
+    Called when a key is read, so that the processes forked afterwards
+    inherit them (see :func:`hmac_sha256`).
+    """
+    block = key if len(key) <= _BLOCK else _sha256(key).digest()
+    block = block.ljust(_BLOCK, b"\0")
+    pads = (_sha256(block.translate(_IPAD)), _sha256(block.translate(_OPAD)))
+    if len(_keyed) >= 8:  # one key per runtime directory: a handful at most
+        _keyed.clear()
+    _keyed[key] = pads
+    return pads
+
+
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    # CPython's own SHA-256 (_sha256 up to 3.11, _sha2 from 3.12); OpenSSL's
+    # where a build lacks it. Both give the same digests.
+    for name in ("_sha2", "_sha256"):
+        try:
+            return importlib.import_module(name).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+# key -> SHA-256 states after (key ^ ipad) and (key ^ opad): see hmac_sha256().
+_keyed: dict[bytes, tuple[Any, Any]] = {}
 
 
 def verify(key: bytes, message: bytes, response: Buffer) -> bool:
