@@ -8,10 +8,12 @@ takes the connection (a descriptor is kept in reserve for it) and closes it
 at once: that peer is refused, the listener keeps accepting.
 
 A peer is admitted when its uid (SO_PEERCRED) is ours, both HMAC challenges
-succeeded and its HELLO names our protocol; it is then handed to the reader
-(:meth:`Admission.on_admit`), which sends our HELLO once it has taken the
-peer: any message the peer sends after that is already the reader's to find,
-and every CREDIT frame comes after the HELLO.
+succeeded and its HELLO names our protocol (the frames, and why a sender may
+pipeline its challenge behind its answer: :mod:`mproc._wire`); our replies
+to the frames of one read go out in one write. It is then handed to the
+reader (:meth:`Admission.on_admit`), which sends our HELLO once it has taken
+the peer: any message the peer sends after that is already the reader's to
+find, and every CREDIT frame comes after the HELLO.
 """
 
 from __future__ import annotations

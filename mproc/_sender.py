@@ -63,6 +63,7 @@ _SMALL_FRAME = 1 << 16  # smaller frames go out in one write()
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
+_ARM_SLACK = 0.01  # a handshake read may overrun its deadline by this much
 _READ_AHEAD = 256  # a handshake read takes what has come (small: from pymalloc, not malloc)
 # A HELLO can come twice (written again after an interrupt): skipped.
 _CREDIT_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO})
@@ -680,21 +681,19 @@ def _handshake(
     left = deadline - time.monotonic()
     budget = min(max(left, 0.001 if control else rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
     io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
-    steps = handshake_steps(runtime.key, pid, path, control)
-    step = next(steps)
-    try:
-        while True:
-            if step[0] == "send":
-                io.queue(step[1])  # written together, before we next wait to read
-                step = next(steps)
-            else:
-                step = steps.send(io.recv(step[1]))
-    except StopIteration as done:
-        max_frame, window, epoch = done.value
-    except HandshakeError:
-        io.flush_quietly()  # our FAILURE verdict, if one is queued: a courtesy
-        raise
-    io.flush()
+    key = runtime.key
+    # The steps of handshake_steps(), straight through (a generator and its
+    # driver cost a freshly forked sender a fifth of its first send()): our
+    # challenge goes in one write with our answer, our verdict with our HELLO.
+    mine = wire.challenge()
+    io.write(wire.frame(_answer(key, io.recv("its challenge"), pid, path)) + wire.frame(mine))
+    if io.recv("its verdict on our key") != wire.WELCOME:
+        raise _key_refused(pid, path)
+    if not wire.verify(key, mine, io.recv("the answer to our challenge")):
+        io.write_quietly(wire.frame(wire.FAILURE))  # a courtesy
+        raise _key_unknown(pid, path)
+    io.write(wire.frame(wire.WELCOME) + wire.frame(_hello(control)))
+    max_frame, window, epoch = _their_hello(io.recv("its HELLO"), pid, path)
     sock.settimeout(None)
     return new_link(sock, pid, path, max_frame, window, epoch, control, bytes(io.buf))
 
@@ -729,31 +728,61 @@ def handshake_steps(
     # multiprocessing's order: the client answers first, then challenges; our
     # challenge goes out right behind our answer, without waiting for the
     # verdict on it (the mailbox answers it only once it has checked our key,
-    # so it learns nothing it did not earn). A blocking caller writes the two
-    # together: one round trip less per new connection.
+    # so it learns nothing it did not earn). The blocking _handshake() takes
+    # these steps straight through, writing each flight at once: one round
+    # trip less per new connection than waiting for the verdict first.
     challenge = yield ("recv", "its challenge")
-    yield ("send", wire.answer(key, challenge))
+    yield ("send", _answer(key, challenge, pid, path))
     mine = wire.challenge()
     yield ("send", mine)
     if (yield ("recv", "its verdict on our key")) != wire.WELCOME:
-        raise HandshakeError(
-            f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
-            "file (is MPROC_RUNTIME_DIR the same for both processes?)",
-            pid=pid,
-            path=path,
-        )
+        raise _key_refused(pid, path)
     if not wire.verify(key, mine, (yield ("recv", "the answer to our challenge"))):
         yield ("send", wire.FAILURE)
+        raise _key_unknown(pid, path)
+    yield ("send", wire.WELCOME)
+    yield ("send", _hello(control))
+    return _their_hello((yield ("recv", "its HELLO")), pid, path)
+
+
+def _answer(key: bytes, challenge: bytes, pid: int, path: str) -> bytes:
+    try:
+        return wire.answer(key, challenge)
+    except ValueError as err:
         raise HandshakeError(
-            f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
+            f"the mailbox of PID {pid} at {path} sent no valid challenge: it is not an "
+            "mproc mailbox of this version",
             pid=pid,
             path=path,
-        )
-    yield ("send", wire.WELCOME)
+        ) from err
+
+
+def _key_refused(pid: int, path: str) -> HandshakeError:
+    return HandshakeError(
+        f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
+        "file (is MPROC_RUNTIME_DIR the same for both processes?)",
+        pid=pid,
+        path=path,
+    )
+
+
+def _key_unknown(pid: int, path: str) -> HandshakeError:
+    return HandshakeError(
+        f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
+        pid=pid,
+        path=path,
+    )
+
+
+def _hello(control: bool) -> bytes:
+    """The body of our HELLO (its window field holds our flags)."""
     flags = wire.HELLO_CONTROL if control else 0
-    yield ("send", wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :])
+    return wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :]
+
+
+def _their_hello(body: bytes, pid: int, path: str) -> tuple[int, int, int]:
     try:
-        _version, max_frame, window, epoch = wire.parse_hello((yield ("recv", "its HELLO")))
+        _version, max_frame, window, epoch = wire.parse_hello(body)
     except ValueError as err:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
@@ -808,10 +837,9 @@ def new_link(
 class _Blocking:
     """Handshake frames over a blocking socket, all within one deadline.
 
-    Frames to send are queued and written together when we next wait for the
-    peer (:meth:`recv`) or are done (:meth:`flush`); frames are read as many
-    at a time as have arrived (the peer writes its verdict and its answer
-    together), and what is left after the last one stays in :attr:`buf`.
+    Frames are read as many at a time as have arrived (the peer writes its
+    verdict and its answer together); what is left after the last one stays
+    in :attr:`buf`.
     """
 
     def __init__(
@@ -822,21 +850,12 @@ class _Blocking:
         self.pid = pid
         self.path = path
         self.budget = budget
-        self.out: list[bytes] = []
         self.buf = bytearray()
+        self.armed = -1.0  # the socket timeout we set last (-1: not yet)
 
-    def queue(self, body: bytes) -> None:
-        self.out.append(wire.frame(body))
-
-    def flush(self) -> None:
-        if self.out:
-            data = b"".join(self.out)
-            self.out.clear()
-            self._send_all(data)
-
-    def flush_quietly(self) -> None:
+    def write_quietly(self, data: bytes) -> None:
         try:
-            self.flush()
+            self.write(data)
         except MprocError:
             pass
 
@@ -844,7 +863,11 @@ class _Blocking:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self._timeout(waiting_for)
-        self.sock.settimeout(remaining)
+        # Each blocking call may wait the socket's timeout: keep it within the
+        # deadline (give or take _ARM_SLACK), setting it again only when needed.
+        if self.armed < 0 or self.armed > remaining + _ARM_SLACK:
+            self.sock.settimeout(remaining)
+            self.armed = remaining
 
     def _timeout(self, waiting_for: str) -> MailboxTimeout:
         return MailboxTimeout(
@@ -855,20 +878,28 @@ class _Blocking:
             path=self.path,
         )
 
-    def send(self, body: bytes) -> None:
-        self._send_all(wire.frame(body))
-
-    def _send_all(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Write whole frames (one flight of ours)."""
+        try:
+            # A handshake flight is a few frames on a socket we have barely
+            # used: it fits at once. A timed sendall() would poll() first.
+            written = os.write(self.sock.fileno(), data)
+        except BlockingIOError:
+            written = 0
+        except OSError as err:
+            raise self._refused(err) from err
+        if written == len(data):
+            return
         self._arm("room to write")
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data[written:])
         except socket.timeout as err:
             raise self._timeout("room to write") from err
         except OSError as err:
             raise self._refused(err) from err
 
     def recv(self, waiting_for: str) -> bytes:
-        self.flush()
+        """The body of the next frame (``waiting_for`` names it in errors)."""
         self._fill(wire.LEN.size, waiting_for)
         (size,) = wire.LEN.unpack_from(self.buf)
         if not 0 < size <= wire.MAX_HANDSHAKE_FRAME:

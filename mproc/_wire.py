@@ -41,6 +41,22 @@ with the ``{sha256}`` digest prefix of Python 3.12's protocol on every Python
 version, then one HELLO each way. The receiver checks the protocol version
 in the sender's HELLO, the sender in the receiver's: a mismatch is refused
 with a message naming both versions.
+
+The frames and their order on each side are multiprocessing's; only the
+waiting is pipelined, in three round trips::
+
+    receiver: CHALLENGE(r)                          (on accept, uid checked)
+    sender:   ANSWER(r) CHALLENGE(s)                (one write)
+    receiver: WELCOME ANSWER(s)                     (one write; ANSWER(s) only
+                                                     after ANSWER(r) checked out)
+    sender:   WELCOME HELLO                         (one write)
+    receiver: HELLO                                 (once the reader has the peer)
+
+Both nonces are fresh random 32 bytes per connection, so a recorded
+handshake answers no later challenge (no replay), and the receiver answers
+a challenge only for a peer that has proved the key (no HMAC oracle for a
+peer without it). The receiver reads no further than the handshake's
+frames: bytes behind the sender's HELLO are the reader's.
 """
 
 from __future__ import annotations

@@ -286,6 +286,70 @@ def test_garbage_behind_the_hello_is_a_handshake_error(runtime_dir: str) -> None
         os.unlink(path)
 
 
+def _scripted_mailbox(
+    runtime: rt.Runtime, script: Callable[[socket.socket], None], done: list[BaseException]
+) -> tuple[socket.socket, str, threading.Thread]:
+    """A listener at this process's own socket path; its thread runs ``script`` on one peer."""
+    path = rt.socket_path(runtime, me(), rt.proc_identity(me()) or "0")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(WAIT)
+
+    def play() -> None:
+        try:
+            sock, _ = listener.accept()
+            with sock:
+                sock.settimeout(WAIT)
+                script(sock)
+        except BaseException as err:  # reported to the test
+            done.append(err)
+
+    thread = threading.Thread(target=play, daemon=True)
+    thread.start()
+    return listener, path, thread
+
+
+def _not_a_challenge(sock: socket.socket) -> None:
+    sock.sendall(wire.frame(b"#NOT A CHALLENGE#" + bytes(40)))
+    peers.read_until_eof(sock)
+
+
+def _wrong_answer_to_ours(sock: socket.socket) -> None:
+    key = rt.runtime().key
+    mine = wire.challenge()
+    sock.sendall(wire.frame(mine))
+    assert wire.verify(key, mine, peers.read_frame(sock))
+    theirs = peers.read_frame(sock)  # right behind its answer
+    assert theirs.startswith(wire.CHALLENGE)
+    forged = wire.answer(b"not the key".ljust(32, b"!"), theirs)
+    sock.sendall(wire.frame(wire.WELCOME) + wire.frame(forged))
+    # Its verdict, and nothing of a HELLO or a message after it.
+    assert peers.read_until_eof(sock) == wire.frame(wire.FAILURE)
+
+
+@pytest.mark.parametrize(
+    ("script", "words"),
+    [(_not_a_challenge, "no valid challenge"), (_wrong_answer_to_ours, "does not know our key")],
+)
+def test_the_sender_refuses_a_mailbox_that_fails_the_handshake(
+    runtime_dir: str, script: Callable[[socket.socket], None], words: str
+) -> None:
+    errors: list[BaseException] = []
+    listener, path, thread = _scripted_mailbox(rt.runtime(), script, errors)
+    try:
+        with pytest.raises(mproc.HandshakeError) as info:
+            _sender._connect(me(), _deadline())
+        assert words in str(info.value)
+        assert f"PID {me()}" in str(info.value) and path in str(info.value)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert errors == []
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
 def _deadline() -> float:
     return time.monotonic() + WAIT
 
