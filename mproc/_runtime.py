@@ -82,11 +82,13 @@ def runtime_dir() -> str:
     """Return the runtime directory this process uses now (not checked, not created)."""
     explicit = os.environ.get(ENV_RUNTIME_DIR)
     if explicit:
-        if explicit == _absolute[0]:
-            return _absolute[1]
+        global _absolute
+        last = _absolute  # one read: another thread may replace it meanwhile
+        if explicit == last[0]:
+            return last[1]
         path = os.path.abspath(explicit)
         if os.path.isabs(explicit):  # a relative one depends on the working directory
-            _absolute[:] = [explicit, path]
+            _absolute = (explicit, path)
         return path
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
@@ -95,7 +97,7 @@ def runtime_dir() -> str:
 
 
 # The last absolute MPROC_RUNTIME_DIR and its normalised form (os.path.abspath).
-_absolute = ["", ""]
+_absolute = ("", "")
 
 
 def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.stat_result:
