@@ -89,8 +89,8 @@ class Target:
 
     def holds(self, row: Row) -> Optional[bool]:
         """Return whether ``row`` meets the target (``None`` if it has no figure)."""
-        if self.of == "check":
-            return row.ok
+        if self.of == "check" or row.ok is False:
+            return row.ok  # a figure of a run that failed its check meets no target
         x = row.ratio if self.of == "ratio" else row.value
         if x is None:
             return None

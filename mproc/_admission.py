@@ -8,15 +8,19 @@ takes the connection (a descriptor is kept in reserve for it) and closes it
 at once: that peer is refused, the listener keeps accepting.
 
 A peer is admitted when its uid (SO_PEERCRED) is ours, both HMAC challenges
-succeeded and its HELLO names our protocol; it is then handed to the reader
-(:meth:`Admission.on_admit`), which sends our HELLO once it has taken the
-peer: any message the peer sends after that is already the reader's to find,
-and every CREDIT frame comes after the HELLO.
+succeeded and its HELLO names our protocol (the frames, and why a sender may
+pipeline its challenge behind its answer: :mod:`mproc._wire`); our replies
+to the frames of one read go out in one write. It is then handed to the
+reader (:meth:`Admission.on_admit`), which sends our HELLO once it has taken
+the peer: any message the peer sends after that is already the reader's to
+find, and every CREDIT frame comes after the HELLO.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import selectors
 import socket
@@ -39,15 +43,20 @@ _RETRY_RESERVE = 0.1  # after the fd reserve could not be reopened
 class _Pending:
     """A connection in the middle of its handshake."""
 
-    __slots__ = ("deadline", "inbuf", "mine", "pid", "sock", "stage")
+    __slots__ = ("deadline", "fd", "inbuf", "mine", "out", "pid", "sock", "stage")
 
     def __init__(self, sock: socket.socket, pid: int, deadline: float) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # its key in Admission.pending, also once it is closed
         self.pid = pid
         self.deadline = deadline
         self.inbuf = bytearray()
         self.mine = wire.challenge()
         self.stage = 0  # the number of frames received so far
+        # Our answers to the frames of one read, written together: a sender
+        # sends its challenge right behind its answer, and gets our verdict
+        # and our answer in one write.
+        self.out: list[bytes] = []
 
 
 class Admission:
@@ -70,6 +79,11 @@ class Admission:
         # Read now, not at import: tests and tools may change the default.
         self.timeout = rt.HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
         self.pending: dict[int, _Pending] = {}
+        # (deadline, n, connection) for each connection in pending, and for
+        # some that left it (skipped when they come up; rebuilt when they
+        # outnumber the others): the next deadline without a scan of them all.
+        self.deadlines: list[tuple[float, int, _Pending]] = []
+        self.serial = itertools.count()  # ties between deadlines: never compare connections
         self.selector = selectors.DefaultSelector()
         self.wakeup = Wakeup()
         self.closed = False
@@ -130,23 +144,28 @@ class Admission:
                     try:
                         self._step(p)
                     except Exception as err:  # a peer that hung up, a bug: that peer only
-                        if self.pending.get(p.sock.fileno()) is p:  # not handed over yet
+                        if self.pending.get(p.fd) is p:  # not handed over yet
                             self._refuse(p, f"its handshake failed: {err!r}")
             self._expire()
 
     def _next_timeout(self) -> Optional[float]:
-        now = time.monotonic()
-        times = [p.deadline for p in self.pending.values()]
+        deadlines = self.deadlines
+        while deadlines and self.pending.get(deadlines[0][2].fd) is not deadlines[0][2]:
+            heapq.heappop(deadlines)  # admitted or refused meanwhile
+        times = [deadlines[0][0]] if deadlines else []
         if not self.listening:
             times.append(self.resume_at)
-        return max(min(times) - now, 0.0) if times else None
+        return max(min(times) - time.monotonic(), 0.0) if times else None
 
     def _expire(self) -> None:
         now = time.monotonic()
         if not self.listening and now >= self.resume_at:
             self._listen(True)
-        for p in [p for p in self.pending.values() if p.deadline <= now]:
-            self._refuse(p, f"the handshake took longer than {self.timeout:g} s")
+        deadlines = self.deadlines
+        while deadlines and deadlines[0][0] <= now:
+            p = heapq.heappop(deadlines)[2]
+            if self.pending.get(p.fd) is p:
+                self._refuse(p, f"the handshake took longer than {self.timeout:g} s")
 
     def _listen(self, on: bool) -> None:
         if on == self.listening:
@@ -203,14 +222,19 @@ class Admission:
         p = _Pending(sock, pid, time.monotonic() + self.timeout)
         # Handshake frames are tiny: on a new socket, sendall cannot block.
         sock.sendall(wire.frame(p.mine))
-        self.pending[sock.fileno()] = p
+        self.pending[p.fd] = p
         self.selector.register(sock, selectors.EVENT_READ, p)
+        if len(self.deadlines) > 2 * len(self.pending) + 64:  # mostly gone: start afresh
+            self.deadlines = [(q.deadline, next(self.serial), q) for q in self.pending.values()]
+            heapq.heapify(self.deadlines)
+        else:
+            heapq.heappush(self.deadlines, (p.deadline, next(self.serial), p))
 
     # -- one connection's handshake
 
     def _step(self, p: _Pending) -> None:
         try:
-            data = p.sock.recv(512)
+            data = p.sock.recv(_room(p))
         except BlockingIOError:
             return
         except OSError as err:
@@ -222,38 +246,40 @@ class Admission:
         p.inbuf += data
         while True:
             if len(p.inbuf) < wire.LEN.size:
-                return
+                break
             (size,) = wire.LEN.unpack_from(p.inbuf)
             if not 0 < size <= wire.MAX_HANDSHAKE_FRAME:
                 self._refuse(p, f"a {size}-byte handshake frame: not an mproc sender")
                 return
             if len(p.inbuf) < wire.LEN.size + size:
-                return
+                break
             body = bytes(p.inbuf[wire.LEN.size : wire.LEN.size + size])
             del p.inbuf[: wire.LEN.size + size]
             if not self._on_frame(p, body):
                 return
+        if not self._flush(p):
+            self._refuse(p, "it hung up during the handshake")
 
     def _on_frame(self, p: _Pending, body: bytes) -> bool:
-        """Handle the next handshake frame; return whether the connection goes on."""
+        """Handle the next handshake frame; return whether the connection goes on.
+
+        Our replies are queued in ``p.out``, and written (:meth:`_flush`) when
+        the frames read so far are handled, before a verdict that ends the
+        handshake, and before the peer is handed over.
+        """
         p.stage += 1
-        sock = p.sock
         if p.stage == 1:  # its answer to our challenge
             if not wire.verify(self.key, p.mine, body):
-                _try_send(sock, wire.frame(wire.FAILURE))
+                p.out.append(wire.frame(wire.FAILURE))
+                self._flush(p)
                 self._refuse(p, "wrong key (another runtime directory or key file?)")
                 return False
-            if not _try_send(sock, wire.frame(wire.WELCOME)):
-                self._refuse(p, "it hung up during the handshake")
-                return False
-        elif p.stage == 2:  # its challenge
+            p.out.append(wire.frame(wire.WELCOME))
+        elif p.stage == 2:  # its challenge (answered only now that we know its key)
             try:
-                reply = wire.frame(wire.answer(self.key, body))
+                p.out.append(wire.frame(wire.answer(self.key, body)))
             except ValueError:
                 self._refuse(p, "it sent no valid challenge")
-                return False
-            if not _try_send(sock, reply):
-                self._refuse(p, "it hung up during the handshake")
                 return False
         elif p.stage == 3:  # its verdict on our key
             if body != wire.WELCOME:
@@ -263,16 +289,28 @@ class Admission:
             try:
                 _version, _max_frame, flags, session = wire.parse_hello(body)
             except ValueError as err:
-                _try_send(sock, self.hello)  # so it can name our version, too
+                p.out.append(self.hello)  # so it can name our version, too
+                self._flush(p)
                 self._refuse(p, str(err))
+                return False
+            if not self._flush(p):
+                self._refuse(p, "it hung up during the handshake")
                 return False
             self._admitted(p, session, flags)
             return False
         return True
 
+    def _flush(self, p: _Pending) -> bool:
+        """Write the replies queued for ``p``; return whether that worked (or was nothing)."""
+        if not p.out:
+            return True
+        data = b"".join(p.out)
+        p.out.clear()
+        return _try_send(p.sock, data)
+
     def _admitted(self, p: _Pending, session: int, flags: int) -> None:
         self.selector.unregister(p.sock)
-        del self.pending[p.sock.fileno()]
+        del self.pending[p.fd]
         # The reader sends our HELLO once it knows the peer: whatever the peer
         # then sends, the next receive() finds, and the HELLO comes before any
         # CREDIT the reader sends on the connection.
@@ -281,7 +319,7 @@ class Admission:
 
     def _refuse(self, p: _Pending, why: str) -> None:
         log.debug("mailbox %s: refused PID %d: %s", self.path, p.pid, why)
-        fd = p.sock.fileno()
+        fd = p.fd
         if self.pending.get(fd) is p:
             del self.pending[fd]
             try:
@@ -289,6 +327,33 @@ class Admission:
             except (KeyError, ValueError):
                 pass
         p.sock.close()
+
+
+# The sizes of a sender's handshake frames (answer, challenge, verdict, HELLO;
+# length prefix included), and what is left of them after each stage.
+_FRAMES = (
+    len(wire.frame(wire.answer(b"k", wire.challenge()))),
+    len(wire.frame(wire.challenge())),
+    len(wire.frame(wire.WELCOME)),
+    len(wire.hello()),
+)
+_LEFT = tuple(sum(_FRAMES[stage:]) for stage in range(len(_FRAMES) + 1))
+
+
+def _room(p: _Pending) -> int:
+    """How much to read now: never past the end of the handshake.
+
+    A sender may write its first message right behind its HELLO: those
+    bytes stay in the socket for the reader (we read no further than the
+    handshake frames we still expect, or than the end of a longer one).
+    """
+    room = _LEFT[min(p.stage, len(_FRAMES))] - len(p.inbuf)
+    if room > 0:
+        return room
+    if len(p.inbuf) < wire.LEN.size:
+        return wire.LEN.size - len(p.inbuf)
+    size: int = wire.LEN.unpack_from(p.inbuf)[0]
+    return max(wire.LEN.size + size - len(p.inbuf), 1)
 
 
 def _try_send(sock: socket.socket, data: bytes) -> bool:

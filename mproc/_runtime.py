@@ -19,6 +19,7 @@ from typing import Optional
 
 import psutil
 
+from . import _wire
 from ._errors import MailboxError, UnsafeRuntimeDir
 
 __all__ = [
@@ -60,6 +61,7 @@ DEFAULT_IDLE_LIMIT = 30.0
 _SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 _KEY_NAME = "key"
 _SOCK_SUFFIX = ".sock"
+_SEP = os.sep
 # Registered names (mproc._names): a subdirectory, so socket scans never see them.
 _NAMES_DIR = "names"
 
@@ -81,7 +83,14 @@ def runtime_dir() -> str:
     """Return the runtime directory this process uses now (not checked, not created)."""
     explicit = os.environ.get(ENV_RUNTIME_DIR)
     if explicit:
-        return os.path.abspath(explicit)
+        global _absolute
+        last = _absolute  # one read: another thread may replace it meanwhile
+        if explicit == last[0]:
+            return last[1]
+        path = os.path.abspath(explicit)
+        if os.path.isabs(explicit):  # a relative one depends on the working directory
+            _absolute = (explicit, path)
+        return path
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "mproc")
@@ -103,7 +112,22 @@ def pin_runtime_dir() -> None:
     os.environ[ENV_RUNTIME_DIR] = runtime_dir()
 
 
+# The last absolute MPROC_RUNTIME_DIR and its normalised form (os.path.abspath).
+_absolute = ("", "")
+
+
 def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.stat_result:
+    try:
+        st = os.lstat(path)  # the common case: it is there (makedirs would stat it twice)
+    except FileNotFoundError:
+        st = _make_dir(path, what)
+    except OSError as err:
+        raise MailboxError(f"cannot inspect {what} {path}: {err.strerror}", path=path) from err
+    _check_stat(path, what, st)
+    return st
+
+
+def _make_dir(path: str, what: str) -> os.stat_result:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except FileExistsError:
@@ -115,9 +139,12 @@ def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.sta
             path=path,
         ) from err
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except OSError as err:
         raise MailboxError(f"cannot inspect {what} {path}: {err.strerror}", path=path) from err
+
+
+def _check_stat(path: str, what: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeRuntimeDir(f"refusing {what} {path}: it is a symlink", path=path)
     if not stat.S_ISDIR(st.st_mode):
@@ -134,7 +161,6 @@ def _check_dir(path: str, what: str = "the mailbox runtime directory") -> os.sta
             f"(mode {stat.S_IMODE(st.st_mode):o}); run chmod 700 on it",
             path=path,
         )
-    return st
 
 
 def _read_key(path: str) -> bytes:
@@ -200,9 +226,22 @@ def runtime() -> Runtime:
             by others, too long for an AF_UNIX path) or so is its key file.
         MailboxError: the directory cannot be created, or AF_UNIX is missing.
     """
+    global _last_checked
     if not hasattr(socket, "AF_UNIX"):
         raise MailboxError("the mproc mailbox needs AF_UNIX sockets, which this platform lacks")
     directory = runtime_dir()
+    # Every connect() checks the directory again, so keep that to one lstat():
+    # a directory whose lstat() matches, field for field, what passed every
+    # check below (for the same uid of ours) passes them again.
+    last = _last_checked
+    if last is not None and last[0] == directory:
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            pass  # gone, say: the whole way below says what is wrong
+        else:
+            if last[1] == (st.st_dev, st.st_ino, st.st_uid, st.st_mode, os.getuid()):
+                return last[2]
     # The longest name we make: "<pid>.<start>.sock" with 10 + 20 digits.
     longest = len(os.fsencode(directory)) + 1 + 10 + 1 + 20 + len(_SOCK_SUFFIX)
     if longest > _SUN_PATH_MAX:
@@ -217,7 +256,13 @@ def runtime() -> Runtime:
     rt = _runtime_cache.get(ident)
     if rt is None:
         rt = _runtime_cache[ident] = Runtime(directory, _load_key(directory))
+        _wire.keyed(rt.key)  # now, so that forked children inherit it
+    _last_checked = (directory, (st.st_dev, st.st_ino, st.st_uid, st.st_mode, os.getuid()), rt)
     return rt
+
+
+# The directory runtime() last checked, its lstat() fields and our uid then, and its Runtime.
+_last_checked: Optional[tuple[str, tuple[int, int, int, int, int], Runtime]] = None
 
 
 def names_dir(runtime: Runtime) -> str:
@@ -247,20 +292,27 @@ def proc_identity(pid: int) -> Optional[str]:
 
 
 _HAVE_PROC = sys.platform.startswith("linux")
+_O_PROC = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 def _proc_stat_identity(pid: int) -> Optional[str]:
+    # os.open/os.read, not open(): no file objects (a sender's first connect
+    # in a freshly forked child pays for every page it touches).
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", _O_PROC)
+        try:
+            data = os.read(fd, 4096)  # ~300 bytes; the kernel hands it over in one read
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError as err:
         if err.errno in (errno.ESRCH, errno.ENOENT):
             return None
         raise
-    # The command name is in parentheses and may contain spaces or ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
+    # The command name is in parentheses and may contain spaces or ')'. The
+    # start time is the 20th field after it: split no further than that.
+    fields = data[data.rindex(b")") + 2 :].split(None, 20)
     if fields[0] in (b"Z", b"X"):
         return None
     return fields[19].decode()
@@ -278,7 +330,9 @@ def _psutil_identity(pid: int) -> Optional[str]:
 
 def socket_path(rt: Runtime, pid: int, identity: str) -> str:
     """Return the socket path of the mailbox of process ``pid`` with start token ``identity``."""
-    return os.path.join(rt.directory, f"{pid}.{identity}{_SOCK_SUFFIX}")
+    # os.path.join's result, without its generic machinery (every new connection asks).
+    sep = "" if rt.directory.endswith(_SEP) else _SEP
+    return f"{rt.directory}{sep}{pid}.{identity}{_SOCK_SUFFIX}"
 
 
 def parse_socket_name(name: str) -> Optional[tuple[int, str]]:

@@ -67,6 +67,8 @@ _RUN_BYTES = 1 << 18  # deliver_many() writes at most about this much at once
 _SMALL_HEAD = struct.Struct("!iBHQ")  # length and head of a frame under 2 GiB
 _HEAD_SIZE = wire.HEAD.size
 _CREDIT_SLICE = 0.05  # a thread waiting for credit re-checks the link this often
+_ARM_SLACK = 0.01  # a handshake read may overrun its deadline by this much
+_READ_AHEAD = 256  # a handshake read takes what has come (small: from pymalloc, not malloc)
 # A HELLO can come twice (written again after an interrupt): skipped.
 _CREDIT_KINDS = frozenset({wire.KIND_CREDIT, wire.KIND_HELLO})
 _REPLY = wire.KIND_REPLY
@@ -707,7 +709,7 @@ def query_stats(pid: int, timeout: float) -> dict[str, Any]:
         request = int.from_bytes(os.urandom(4), "big")
         link.sock.settimeout(max(deadline - time.monotonic(), 0.001))
         link.sock.sendall(wire.frame(wire.HEAD.pack(wire.KIND_STATS, 0, request)))
-        buf = b""
+        buf = bytes(link.inbuf)  # read with the handshake's last frame, if anything
         while True:
             try:
                 chunk = link.sock.recv(1 << 16)
@@ -856,20 +858,22 @@ def _handshake(
     left = deadline - time.monotonic()
     budget = min(max(left, 0.001 if control else rt.HANDSHAKE_MIN), rt.HANDSHAKE_TIMEOUT)
     io = _Blocking(sock, time.monotonic() + budget, pid, path, budget)
-    steps = handshake_steps(runtime.key, pid, path, control, bulk)
-    step = next(steps)
-    try:
-        while True:
-            if step[0] == "send":
-                io.send(step[1])
-                step = next(steps)
-            else:
-                step = steps.send(io.recv(step[1]))
-    except StopIteration as done:
-        max_frame, window, epoch = done.value
+    key = runtime.key
+    # The steps of handshake_steps(), straight through (a generator and its
+    # driver cost a freshly forked sender a fifth of its first send()): our
+    # challenge goes in one write with our answer, our verdict with our HELLO.
+    mine = wire.challenge()
+    io.write(wire.frame(_answer(key, io.recv("its challenge"), pid, path)) + wire.frame(mine))
+    if io.recv("its verdict on our key") != wire.WELCOME:
+        raise _key_refused(pid, path)
+    if not wire.verify(key, mine, io.recv("the answer to our challenge")):
+        io.write_quietly(wire.frame(wire.FAILURE))  # a courtesy
+        raise _key_unknown(pid, path)
+    io.write(wire.frame(wire.WELCOME) + wire.frame(_hello(control, bulk)))
+    max_frame, window, epoch = _their_hello(io.recv("its HELLO"), pid, path)
     sock.settimeout(None)
-    link = new_link(sock, pid, path, max_frame, window, epoch, control)
-    link.bulk = bulk
+    link = new_link(sock, pid, path, max_frame, window, epoch, control, bytes(io.buf))
+    link.bulk = bulk  # it may carry descriptors (mproc._bulk)
     return link
 
 
@@ -900,30 +904,64 @@ def handshake_steps(
     Yields the frames to send and what to receive next (``send()`` it the
     received body); returns the receiver's ``(max_frame, window, epoch)``.
     """
-    # multiprocessing's order: the client answers first, then challenges.
+    # multiprocessing's order: the client answers first, then challenges; our
+    # challenge goes out right behind our answer, without waiting for the
+    # verdict on it (the mailbox answers it only once it has checked our key,
+    # so it learns nothing it did not earn). The blocking _handshake() takes
+    # these steps straight through, writing each flight at once: one round
+    # trip less per new connection than waiting for the verdict first.
     challenge = yield ("recv", "its challenge")
-    yield ("send", wire.answer(key, challenge))
-    if (yield ("recv", "its verdict on our key")) != wire.WELCOME:
-        raise HandshakeError(
-            f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
-            "file (is MPROC_RUNTIME_DIR the same for both processes?)",
-            pid=pid,
-            path=path,
-        )
+    yield ("send", _answer(key, challenge, pid, path))
     mine = wire.challenge()
     yield ("send", mine)
+    if (yield ("recv", "its verdict on our key")) != wire.WELCOME:
+        raise _key_refused(pid, path)
     if not wire.verify(key, mine, (yield ("recv", "the answer to our challenge"))):
         yield ("send", wire.FAILURE)
+        raise _key_unknown(pid, path)
+    yield ("send", wire.WELCOME)
+    yield ("send", _hello(control, bulk))
+    return _their_hello((yield ("recv", "its HELLO")), pid, path)
+
+
+def _answer(key: bytes, challenge: bytes, pid: int, path: str) -> bytes:
+    try:
+        return wire.answer(key, challenge)
+    except ValueError as err:
         raise HandshakeError(
-            f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
+            f"the mailbox of PID {pid} at {path} sent no valid challenge: it is not an "
+            "mproc mailbox of this version",
             pid=pid,
             path=path,
-        )
-    yield ("send", wire.WELCOME)
+        ) from err
+
+
+def _key_refused(pid: int, path: str) -> HandshakeError:
+    return HandshakeError(
+        f"the mailbox of PID {pid} at {path} refused our key: it uses another key "
+        "file (is MPROC_RUNTIME_DIR the same for both processes?)",
+        pid=pid,
+        path=path,
+    )
+
+
+def _key_unknown(pid: int, path: str) -> HandshakeError:
+    return HandshakeError(
+        f"the mailbox of PID {pid} at {path} does not know our key; refusing to send",
+        pid=pid,
+        path=path,
+    )
+
+
+def _hello(control: bool, bulk: bool = False) -> bytes:
+    """The body of our HELLO (its window field holds our flags)."""
     flags = (wire.HELLO_CONTROL if control else 0) | (wire.HELLO_BULK if bulk else 0)
-    yield ("send", wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :])
+    return wire.hello(window=flags, epoch=_links.session)[wire.LEN.size :]
+
+
+def _their_hello(body: bytes, pid: int, path: str) -> tuple[int, int, int]:
     try:
-        _version, max_frame, window, epoch = wire.parse_hello((yield ("recv", "its HELLO")))
+        _version, max_frame, window, epoch = wire.parse_hello(body)
     except ValueError as err:
         raise HandshakeError(
             f"the mailbox of PID {pid} at {path}: {err}", pid=pid, path=path
@@ -939,9 +977,15 @@ def new_link(
     window: int,
     epoch: int,
     control: bool = False,
+    leftover: bytes = b"",
 ) -> Link:
-    """A :class:`Link` on a socket that finished the handshake (credit carried over)."""
+    """A :class:`Link` on a socket that finished the handshake (credit carried over).
+
+    ``leftover``: bytes read after the receiver's HELLO (CREDIT frames the
+    reader sent at once, on a reconnect): taken as :func:`_read_credits` takes them.
+    """
     link = Link(sock, pid, path, max_frame, max(window, 1))
+    link.inbuf += leftover
     if control:
         return link  # no messages on it: no credit to carry on
     # The credit of this process with that mailbox (named by its epoch) goes
@@ -954,11 +998,28 @@ def new_link(
         _links.credit[(pid, epoch)] = (link.seqs, link.limits)
         while len(_links.credit) > _MAX_CREDIT:
             _links.credit.popitem(last=False)  # the receiver accepts a fresh start too
+    if leftover:
+        frames, used, _need, bad = wire.parse(leftover, 1 << 20, _CREDIT_KINDS)
+        if bad:
+            raise HandshakeError(
+                f"the mailbox of PID {pid} at {path} sent {bad} after its HELLO",
+                pid=pid,
+                path=path,
+            )
+        for kind, group, limit, _payload in frames:
+            if kind == wire.KIND_CREDIT and limit > link.limits.get(group, link.window):
+                link.limits[group] = limit
+        del link.inbuf[:used]
     return link
 
 
 class _Blocking:
-    """Handshake frames over a blocking socket, all within one deadline."""
+    """Handshake frames over a blocking socket, all within one deadline.
+
+    Frames are read as many at a time as have arrived (the peer writes its
+    verdict and its answer together); what is left after the last one stays
+    in :attr:`buf`.
+    """
 
     def __init__(
         self, sock: socket.socket, deadline: float, pid: int, path: str, budget: float
@@ -968,12 +1029,24 @@ class _Blocking:
         self.pid = pid
         self.path = path
         self.budget = budget
+        self.buf = bytearray()
+        self.armed = -1.0  # the socket timeout we set last (-1: not yet)
+
+    def write_quietly(self, data: bytes) -> None:
+        try:
+            self.write(data)
+        except MprocError:
+            pass
 
     def _arm(self, waiting_for: str) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self._timeout(waiting_for)
-        self.sock.settimeout(remaining)
+        # Each blocking call may wait the socket's timeout: keep it within the
+        # deadline (give or take _ARM_SLACK), setting it again only when needed.
+        if self.armed < 0 or self.armed > remaining + _ARM_SLACK:
+            self.sock.settimeout(remaining)
+            self.armed = remaining
 
     def _timeout(self, waiting_for: str) -> MailboxTimeout:
         return MailboxTimeout(
@@ -984,18 +1057,30 @@ class _Blocking:
             path=self.path,
         )
 
-    def send(self, body: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Write whole frames (one flight of ours)."""
+        try:
+            # A handshake flight is a few frames on a socket we have barely
+            # used: it fits at once. A timed sendall() would poll() first.
+            written = os.write(self.sock.fileno(), data)
+        except BlockingIOError:
+            written = 0
+        except OSError as err:
+            raise self._refused(err) from err
+        if written == len(data):
+            return
         self._arm("room to write")
         try:
-            self.sock.sendall(wire.frame(body))
+            self.sock.sendall(data[written:])
         except socket.timeout as err:
             raise self._timeout("room to write") from err
         except OSError as err:
             raise self._refused(err) from err
 
     def recv(self, waiting_for: str) -> bytes:
-        head = self._exactly(wire.LEN.size, waiting_for)
-        (size,) = wire.LEN.unpack(head)
+        """The body of the next frame (``waiting_for`` names it in errors)."""
+        self._fill(wire.LEN.size, waiting_for)
+        (size,) = wire.LEN.unpack_from(self.buf)
         if not 0 < size <= wire.MAX_HANDSHAKE_FRAME:
             raise HandshakeError(
                 f"the mailbox of PID {self.pid} at {self.path} sent a {size}-byte handshake "
@@ -1003,22 +1088,23 @@ class _Blocking:
                 pid=self.pid,
                 path=self.path,
             )
-        return self._exactly(size, waiting_for)
+        self._fill(wire.LEN.size + size, waiting_for)
+        body = bytes(self.buf[wire.LEN.size : wire.LEN.size + size])
+        del self.buf[: wire.LEN.size + size]
+        return body
 
-    def _exactly(self, n: int, waiting_for: str) -> bytes:
-        data = b""
-        while len(data) < n:
+    def _fill(self, n: int, waiting_for: str) -> None:
+        while len(self.buf) < n:
             self._arm(waiting_for)
             try:
-                chunk = self.sock.recv(n - len(data))
+                chunk = self.sock.recv(_READ_AHEAD)
             except socket.timeout as err:
                 raise self._timeout(waiting_for) from err
             except OSError as err:
                 raise self._refused(err) from err
             if not chunk:
                 raise self._refused(None)
-            data += chunk
-        return data
+            self.buf += chunk
 
     def _refused(self, err: Optional[OSError]) -> MprocError:
         why = "closed the connection" if err is None else f"failed ({err})"

@@ -46,15 +46,32 @@ with the ``{sha256}`` digest prefix of Python 3.12's protocol on every Python
 version, then one HELLO each way. The receiver checks the protocol version
 in the sender's HELLO, the sender in the receiver's: a mismatch is refused
 with a message naming both versions.
+
+The frames and their order on each side are multiprocessing's; only the
+waiting is pipelined, in three round trips::
+
+    receiver: CHALLENGE(r)                          (on accept, uid checked)
+    sender:   ANSWER(r) CHALLENGE(s)                (one write)
+    receiver: WELCOME ANSWER(s)                     (one write; ANSWER(s) only
+                                                     after ANSWER(r) checked out)
+    sender:   WELCOME HELLO                         (one write)
+    receiver: HELLO                                 (once the reader has the peer)
+
+Both nonces are fresh random 32 bytes per connection, so a recorded
+handshake answers no later challenge (no replay), and the receiver answers
+a challenge only for a peer that has proved the key (no HMAC oracle for a
+peer without it). The receiver reads no further than the handshake's
+frames: bytes behind the sender's HELLO are the reader's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import os
 import struct
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __all__ = [
     "CHALLENGE",
@@ -89,6 +106,8 @@ __all__ = [
     "credit",
     "frame",
     "hello",
+    "hmac_sha256",
+    "keyed",
     "msg_prefix",
     "parse",
     "parse_hello",
@@ -283,7 +302,61 @@ def answer(key: bytes, message: Buffer) -> bytes:
     message = bytes(message)
     if not message.startswith(CHALLENGE + _DIGEST) or len(message) < len(CHALLENGE) + 16:
         raise ValueError("the peer sent no valid challenge")
-    return _DIGEST + hmac.new(key, message[len(CHALLENGE) :], hashlib.sha256).digest()
+    return _DIGEST + hmac_sha256(key, message[len(CHALLENGE) :])
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` (RFC 2104; equal to ``hmac.digest(key, message, "sha256")``).
+
+    From the two keyed SHA-256 states, computed once per key and copied for
+    each message, with CPython's own SHA-256 where it has one: the ``hmac``
+    module's OpenSSL HMAC set-up, and even an OpenSSL context copy, write to
+    so many of libcrypto's pages that a freshly forked sender spent a fifth
+    of its first ``send()`` copying them (copy-on-write faults).
+    """
+    pads = _keyed.get(key)
+    if pads is None:
+        pads = keyed(key)
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    digest: bytes = outer.digest()
+    return digest
+
+
+def keyed(key: bytes) -> tuple[Any, Any]:
+    """Compute (and keep) the SHA-256 states after ``key ^ ipad`` and ``key ^ opad``.
+
+    Called when a key is read, so that the processes forked afterwards
+    inherit them (see :func:`hmac_sha256`).
+    """
+    block = key if len(key) <= _BLOCK else _sha256(key).digest()
+    block = block.ljust(_BLOCK, b"\0")
+    pads = (_sha256(block.translate(_IPAD)), _sha256(block.translate(_OPAD)))
+    if len(_keyed) >= 8:  # one key per runtime directory: a handful at most
+        _keyed.clear()
+    _keyed[key] = pads
+    return pads
+
+
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    # CPython's own SHA-256 (_sha256 up to 3.11, _sha2 from 3.12); OpenSSL's
+    # where a build lacks it. Both give the same digests.
+    for name in ("_sha2", "_sha256"):
+        try:
+            return importlib.import_module(name).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+# key -> SHA-256 states after (key ^ ipad) and (key ^ opad): see hmac_sha256().
+_keyed: dict[bytes, tuple[Any, Any]] = {}
 
 
 def verify(key: bytes, message: bytes, response: Buffer) -> bool:
