@@ -209,14 +209,17 @@ def deliver(
             # A cached connection that had died (the receiver closed and
             # reopened its mailbox, say): one more try on a new one.
             if fresh or retried:
-                raise MailboxGone(
-                    f"the mailbox of PID {pid} went away while sending (group "
-                    f"{_show(group)}); the message was not delivered",
-                    pid=pid,
-                    group=_show(group),
-                    path=link.path,
-                ) from None
+                raise _gone(pid, group, link, "the message was not delivered") from None
             retried = True
+
+
+def _gone(pid: int, group: bytes, link: Link, what: str) -> MailboxGone:
+    return MailboxGone(
+        f"the mailbox of PID {pid} went away while sending (group {_show(group)}); {what}",
+        pid=pid,
+        group=_show(group),
+        path=link.path,
+    )
 
 
 def deliver_many(
@@ -259,12 +262,8 @@ def deliver_many(
                 if err.done:
                     retried = False
                 elif fresh or retried:
-                    raise MailboxGone(
-                        f"the mailbox of PID {pid} went away while sending (group "
-                        f"{_show(group)}); {done} of {len(payloads)} messages were delivered",
-                        pid=pid,
-                        group=_show(group),
-                        path=link.path,
+                    raise _gone(
+                        pid, group, link, f"{done} of {len(payloads)} messages were delivered"
                     ) from None
                 else:
                     retried = True

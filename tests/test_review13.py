@@ -17,6 +17,7 @@ from typing import Any
 import fault_peers as fp
 import pytest
 from fault_peers import WAIT, Boom, expect
+from test_batch import finish, start
 
 import mproc
 from mproc import _mailbox, _receiver
@@ -33,20 +34,6 @@ def _receiver_now() -> _receiver.Receiver:
     r = _mailbox._state.receiver
     assert r is not None
     return r
-
-
-def start(kids: Any, *args: Any, **kw: Any) -> tuple[Any, Any]:
-    ours, theirs = multiprocessing.get_context("fork").Pipe()
-    proc = kids.start(_collect, args, theirs, kw)
-    return proc, ours
-
-
-def _collect(args: tuple[Any, ...], conn: Any, kw: dict[str, Any]) -> None:
-    fp.collect(*args, conn, **kw)
-
-
-def finish(kids: Any, proc: Any) -> None:
-    assert kids.finish(proc) == 0
 
 
 # ---------------------------------------------------------------- Receiver.get's fast path
