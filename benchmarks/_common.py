@@ -355,3 +355,29 @@ def repeat(reps: int, cases: dict[str, Callable[[], float]]) -> dict[str, list[f
         for name, case in cases.items():
             out[name].append(case())
     return out
+
+
+@contextmanager
+def polling_off() -> Iterator[None]:
+    """Blocking receive() and call() without polling before they block (MPROC_SPIN_US=0).
+
+    For reference rows: this process's open mailbox stops polling, and so do
+    the mailboxes of the children forked meanwhile (they read the variable).
+    """
+    from mproc import _mailbox
+
+    receiver = _mailbox._state.receiver
+    saved_env = os.environ.get("MPROC_SPIN_US")
+    saved = receiver.spin if receiver is not None else None
+    os.environ["MPROC_SPIN_US"] = "0"
+    if receiver is not None:
+        receiver.spin = 0.0
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("MPROC_SPIN_US", None)
+        else:
+            os.environ["MPROC_SPIN_US"] = saved_env
+        if receiver is not None and saved is not None:
+            receiver.spin = saved

@@ -203,23 +203,6 @@ def send(
         MessageError: ``obj`` cannot be pickled or is over the frame size limit;
             nothing was sent.
     """
-    me = _state.pid
-    if pid.__class__ is int and group.__class__ is str and timeout is None and 0 < pid != me:
-        # The common case in the fewest steps: valid arguments, a group seen
-        # before, a connection with credit to spare (else the general way).
-        raw = _known_groups.get(group)
-        if raw is not None:
-            payload = _dumps_for(obj, pid, group, bulk=True)
-            if payload.__class__ is bytes:
-                link = _sender._links.by_pid.get(pid)
-                if link is None or not _sender._fast_send(link, raw, payload):
-                    _deliver(pid, raw, payload, group, rt.DEFAULT_TIMEOUT)
-                return
-            try:
-                _deliver(pid, raw, payload, group, rt.DEFAULT_TIMEOUT)
-            finally:
-                payload.close()  # its memfd (mproc._bulk): one C call, first in the clause
-            return
     name = identity = None
     if isinstance(pid, str):
         found = _names.fast_lookup(pid, _sender.trusts)
@@ -227,11 +210,28 @@ def send(
             _send_named(pid, obj, group, timeout)
             return
         name, (pid, identity) = pid, found
-    pid = _check.pid(pid, "send")
-    raw = _check.group(group, "send")
-    wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
-    payload = _dumps_for(obj, pid, group, bulk=True)  # big buffers out of band (mproc._bulk)
+    payload: Any = None
     try:
+        if pid.__class__ is int and group.__class__ is str and timeout is None:
+            # The common case in the fewest steps: valid arguments, a group seen
+            # before, a connection (to the very holder of a name) with credit to
+            # spare, a small message (else the general way, below).
+            raw = _known_groups.get(group)
+            if raw is not None and 0 < pid != _state.pid:
+                payload = _dumps_for(obj, pid, group, bulk=True)
+                link = _sender._links.by_pid.get(pid)
+                if (
+                    link is not None
+                    and payload.__class__ is bytes
+                    and (identity is None or link.identity == identity)
+                    and _sender._fast_send(link, raw, payload)
+                ):
+                    return
+        pid = _check.pid(pid, "send")
+        raw = _check.group(group, "send")
+        wait = rt.DEFAULT_TIMEOUT if timeout is None else _check.timeout(timeout, "send")
+        if payload is None:
+            payload = _dumps_for(obj, pid, group, bulk=True)  # big buffers out of band (_bulk)
         if pid == _state.pid:
             _ensure_open()  # nobody else would open it (also in a freshly forked child)
         # For a name, only the very holder: never a process that took its PID.
@@ -241,7 +241,7 @@ def send(
             raise
         _send_named(name, obj, group, timeout)  # its holder exited: wait for the next
     finally:
-        if payload.__class__ is not bytes:
+        if payload is not None and payload.__class__ is not bytes:
             payload.close()  # its memfd (mproc._bulk): one C call, first in the clause
 
 
