@@ -112,10 +112,10 @@ def _cleanup(rundir: str) -> dict[str, Any]:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(strays, timeout=5)
-    names = os.path.join(rundir, "names")  # registered names: the directory stays, empty
+    names = os.path.join(rundir, "names")  # registered names: the directory and its lock stay
     left = sorted(name for name in os.listdir(rundir) if name != "key" and name != "names")
     if os.path.isdir(names):
-        left += sorted(f"names/{name}" for name in os.listdir(names))
+        left += sorted(f"names/{name}" for name in os.listdir(names) if name != "lock")
     shutil.rmtree(rundir, ignore_errors=True)
     return {"stray_children": [p.pid for p in strays], "files_left": left}
 

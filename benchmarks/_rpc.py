@@ -101,6 +101,7 @@ def _drain(gate: Gate, parent: int, count: int) -> None:
     receive = mproc.receive
     for _ in range(count):
         receive()
+    mproc.unregister(_NAME)  # a forked child's exit runs no atexit: give it up here
     mproc.send(parent, "done", "done", timeout=60)
 
 
