@@ -1,7 +1,8 @@
 """Adversarial review of issue 13 (commit 3ce40b6): Batch, spin before block, fast paths.
 
-Each test is named for the property it checks. A test that fails
-reproduces a bug of the change under review (see the report).
+Each test is named for the property it checks. Findings F1-F6 were fixed
+(the tests keep them fixed); F7, from before this change, is a documented
+limit (README Limits) and stays an xfail.
 """
 
 from __future__ import annotations
