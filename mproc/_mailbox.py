@@ -280,9 +280,7 @@ def _send_named(name: str, obj: Any, group: str, timeout: Optional[float]) -> No
         if pid == _state.pid:
             _ensure_open()
         try:
-            _sender.deliver(
-                pid, raw, payload, max(deadline - time.monotonic(), 0.001), identity=identity
-            )
+            _deliver(pid, raw, payload, group, max(deadline - time.monotonic(), 0.001), identity)
             return
         except NoSuchProcess:
             # The holder exited: wait for the next one (a restart), up to the deadline.
@@ -293,10 +291,6 @@ def _send_named(name: str, obj: Any, group: str, timeout: Optional[float]) -> No
                     pid=pid,
                     group=group,
                 ) from None
-        except MailboxError as err:
-            if err.group is None:
-                err.group = group
-            raise
 
 
 def _resolve(
@@ -334,10 +328,8 @@ def send_many(
                 _check.pid(pid, "send")
                 if pid == _state.pid:
                     _ensure_open()
-                _sender.deliver(pid, raw, payload, wait)
+                _deliver(pid, raw, payload, group, wait)
             except (MprocError, OSError, TypeError, ValueError) as err:
-                if isinstance(err, MailboxError) and err.group is None:
-                    err.group = group
                 failures[pid] = err
     finally:
         if payload.__class__ is not bytes:

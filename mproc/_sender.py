@@ -454,10 +454,7 @@ def _write_msg(
     kind: int = wire.KIND_MSG,
 ) -> None:
     """Write one MSG (CALL, REPLY) frame (lock held); on any failure the link is left dirty."""
-    wait = max(deadline - time.monotonic(), 0.001)
-    if abs(link.sndtimeo - wait) > 0.05:
-        _set_sndtimeo(link.sock, wait)
-        link.sndtimeo = wait
+    _bound_writes(link, deadline)
     link.dirty = True
     try:
         size = wire.HEAD.size + len(group) + len(payload)
@@ -539,10 +536,7 @@ def _write_run(
         if total >= _RUN_BYTES:
             break
     data = memoryview(b"".join(parts))
-    wait = max(deadline - time.monotonic(), 0.001)
-    if abs(link.sndtimeo - wait) > 0.05:
-        _set_sndtimeo(link.sock, wait)
-        link.sndtimeo = wait
+    _bound_writes(link, deadline)
     link.dirty = True
     progress[0] = (start, len(ends))
     written = 0
@@ -575,6 +569,14 @@ def _write_run(
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _bound_writes(link: Link, deadline: float) -> None:
+    """Make the link's blocking writes give up at ``deadline`` (SO_SNDTIMEO, set when it moved)."""
+    wait = max(deadline - time.monotonic(), 0.001)
+    if abs(link.sndtimeo - wait) > 0.05:
+        _set_sndtimeo(link.sock, wait)
+        link.sndtimeo = wait
 
 
 def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
